@@ -1,0 +1,34 @@
+"""Backends run one padded forward pass and return ``(hidden: {layer: [B,T,d]}, logits [B,T,V])``.
+
+- ``hf``: plain torch hooks on the discovered blocks (default; any transformers model).
+- ``nnsight``: an nnsight ``LanguageModel`` trace (the same probe code can then run remotely on NDIF).
+- ``transformer_lens``: a TransformerLens ``TransformerBridge`` ``run_with_cache``.
+
+All three record the same tensors, so probes give the same numbers through each (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+
+BACKENDS = ("hf", "nnsight", "transformer_lens")
+
+
+def position_ids_for(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting only real tokens (what left padding needs)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def run_backend(name: str, m, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int],
+                padding_side: str = "right"):
+    if name == "hf":
+        from .hf import run
+    elif name == "nnsight":
+        from .nnsight import run
+    elif name == "transformer_lens":
+        from .transformer_lens import run
+    else:
+        raise InputError(f"backend={name!r} is unknown; choose one of {BACKENDS}.")
+    return run(m, input_ids, mask, layers, padding_side)

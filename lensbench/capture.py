@@ -1,0 +1,253 @@
+"""The capture engine: batched forward passes that record the residual stream and reduce it on the device.
+
+Every probe gets its activations from here, so batching, padding, out-of-memory back-off, progress bars and
+backends live in one place. Index convention: layer 0 is the residual entering block 0 (embeddings), layer
+``l`` the output of block ``l-1``, layer ``L`` the last block's output before the final norm.
+
+Padding: texts of a batch are right-padded by default. With a causal mask, right padding never changes the
+real tokens' activations, for every architecture; ``padding_side="left"`` is supported too (position ids are
+derived from the attention mask) and is what generation needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .devices import empty_cache, is_oom
+from .errors import InputError
+from .model import LensModel, check_text
+
+
+@dataclass
+class CaptureBatch:
+    """What a ``reduce`` function receives for one batch (tensors stay on the model's device).
+
+    Attributes:
+        model: the :class:`LensModel`.
+        indices: positions of this batch's texts in the caller's list.
+        input_ids: ``[B, T]`` padded token ids.
+        attention_mask: ``[B, T]`` 1 for real tokens.
+        lengths: real length of each row.
+        hidden: layer -> ``[B, T, d_model]`` residual stream in the model's dtype.
+        logits: ``[B, T, V]`` the model's own output logits (None if the backend skips them).
+        padding_side: ``"right"`` or ``"left"``.
+    """
+
+    model: LensModel
+    indices: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: list[int]
+    hidden: dict[int, torch.Tensor]
+    logits: torch.Tensor | None
+    padding_side: str = "right"
+
+    def span(self, b: int) -> slice:
+        """Slice of the real (unpadded) positions of row ``b``."""
+        T = self.input_ids.shape[1]
+        return slice(T - self.lengths[b], T) if self.padding_side == "left" else slice(0, self.lengths[b])
+
+    def hidden_of(self, b: int, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """``[n_layers, T_b, d_model]`` unpadded residuals of row ``b`` (on device, model dtype)."""
+        layers = sorted(self.hidden) if layers is None else layers
+        s = self.span(b)
+        return torch.stack([self.hidden[la][b, s] for la in layers])
+
+    def ids_of(self, b: int) -> torch.Tensor:
+        return self.input_ids[b, self.span(b)]
+
+
+@dataclass
+class Capture:
+    """Result of :meth:`LensModel.capture`.
+
+    Without ``reduce``: :meth:`hidden_states` gives each text's residual stream (CPU, float32, unpadded).
+    With ``reduce``: ``results[i]`` holds what ``reduce`` returned for text ``i``.
+    """
+
+    layers: list[int]
+    texts: list[str]
+    ids: list[torch.Tensor]
+    str_tokens: list[list[str]]
+    hidden: list[torch.Tensor] | None = None
+    results: list[Any] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def hidden_states(self, i: int) -> torch.Tensor:
+        """``Tensor[n_layers_captured, T_i, d_model]`` for text ``i`` (all layers: index = layer number)."""
+        if self.hidden is None:
+            raise InputError("this capture was made with reduce=...; its per-text outputs are in .results")
+        return self.hidden[i]
+
+    def tokens(self, i: int) -> list[str]:
+        """Token strings of text ``i``."""
+        return self.str_tokens[i]
+
+    def input_ids(self, i: int) -> torch.Tensor:
+        return self.ids[i]
+
+
+def tokenize(m: LensModel, texts, *, add_bos: bool | None = None, truncate: bool = False,
+             param: str = "texts") -> tuple[list[str], list[torch.Tensor]]:
+    """Validate and tokenize one string or a list of strings. Returns (texts, list of 1-D id tensors)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    elif hasattr(texts, "column_names") and "text" in getattr(texts, "column_names", []):  # datasets.Dataset
+        texts = list(texts["text"])
+    elif not isinstance(texts, (list, tuple)):
+        raise InputError(f"{param} must be a string or a list of strings, got {type(texts).__name__}.")
+    texts = list(texts)
+    if not texts:
+        raise InputError(f"{param} is an empty list; pass at least one text.")
+    ids = [m.encode(t, add_bos=add_bos, truncate=truncate, param=f"{param}[{i}]" if len(texts) > 1 else param)
+           for i, t in enumerate(texts)]
+    return texts, ids
+
+
+def pad_batch(m: LensModel, ids: list[torch.Tensor], padding_side: str = "right"):
+    """Stack 1-D id tensors into ``(input_ids [B,T], attention_mask [B,T])`` with the model's pad token."""
+    T = max(len(x) for x in ids)
+    pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+    out = torch.full((len(ids), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for b, x in enumerate(ids):
+        if padding_side == "left":
+            out[b, T - len(x):] = x
+            mask[b, T - len(x):] = 1
+        else:
+            out[b, : len(x)] = x
+            mask[b, : len(x)] = 1
+    return out, mask
+
+
+def default_token_budget(device: torch.device) -> int:
+    """Tokens per batch for ``batch_size="auto"`` before any out-of-memory back-off."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(max(2048, min(65536, free // (2 * 1024 * 1024) * 32)))
+    return 4096
+
+
+def run_batches(m: LensModel, ids: list[torch.Tensor], step: Callable[[list[int]], Any], *,
+                batch_size: int | str = "auto", progress: bool = True, desc: str = "lensbench") -> dict:
+    """Run ``step(indices)`` over batches of ``ids`` (longest first), halving the batch on out-of-memory.
+
+    Shared by every batched computation in lensbench. Returns stats (batches run, OOM retries, final size).
+    """
+    n = len(ids)
+    order = sorted(range(n), key=lambda i: -len(ids[i]))
+    if batch_size == "auto":
+        bs = max(1, default_token_budget(m.device) // max(1, len(ids[order[0]])))
+    elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
+        bs = batch_size
+    else:
+        raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}.")
+    bs = min(bs, n)
+    stats = {"batches": 0, "oom_retries": 0, "batch_size": bs}
+    bar = tqdm(total=n, desc=desc, disable=not progress or bs >= n, leave=False)
+    pos = 0
+    while pos < n:
+        idx = order[pos: pos + bs]
+        try:
+            step(idx)
+        except Exception as e:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if not is_oom(e):
+                raise
+            empty_cache(m.device)
+            if bs == 1:
+                raise InputError("out of memory with batch_size=1: use a shorter text, fewer layers, a smaller "
+                                 "dtype (dtype='bfloat16') or a larger device.") from e
+            bs = max(1, bs // 2)
+            stats["oom_retries"] += 1
+            continue
+        pos += len(idx)
+        stats["batches"] += 1
+        bar.update(len(idx))
+    bar.close()
+    stats["batch_size"] = bs
+    return stats
+
+
+def forward_batch(m: LensModel, ids: list[torch.Tensor], layers: list[int], *, padding_side: str = "right",
+                  backend: str | None = None, indices: list[int] | None = None) -> CaptureBatch:
+    """One padded forward pass through the chosen backend, recording ``layers``."""
+    from .backends import run_backend
+    input_ids, mask = pad_batch(m, ids, padding_side)
+    input_ids, mask = input_ids.to(m.input_device), mask.to(m.input_device)
+    with torch.no_grad():
+        hidden, logits = run_backend(backend or m.backend, m, input_ids, mask, layers, padding_side)
+    return CaptureBatch(model=m, indices=list(indices or range(len(ids))), input_ids=input_ids, attention_mask=mask,
+                        lengths=[len(x) for x in ids], hidden=hidden, logits=logits, padding_side=padding_side)
+
+
+def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], list] | None = None,
+            batch_size: int | str = "auto", progress: bool = True, *, add_bos: bool | None = None,
+            truncate: bool = False, padding_side: str = "right", backend: str | None = None) -> Capture:
+    """Batched capture of the residual stream.
+
+    Args:
+        texts: a string, a list of strings, or a ``datasets.Dataset`` with a ``text`` column.
+        layers: None (all, 0..L), an int or a list; negatives count from the end.
+        reduce: ``f(batch: CaptureBatch) -> list`` with one entry per row of the batch, run on the device
+            while the batch's activations are alive; its outputs land in ``Capture.results`` in text order.
+            Without it, every text's hidden states are copied to CPU float32.
+        batch_size: texts per forward pass or ``"auto"`` (a token budget, halved on out-of-memory).
+        progress: show a ``tqdm`` bar when there is more than one batch.
+        add_bos: None = the tokenizer's default; True/False force a BOS token on/off.
+        truncate: cut over-long texts to the model's context with a warning instead of raising.
+        padding_side: ``"right"`` (default, exact for every architecture) or ``"left"``.
+        backend: ``"hf"``, ``"nnsight"`` or ``"transformer_lens"``; default: how the model was loaded.
+    """
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    if reduce is not None and not callable(reduce):
+        raise InputError("reduce must be a function f(batch) -> list with one entry per text of the batch.")
+    layers = m.check_layers(layers)
+    texts, ids = tokenize(m, texts, add_bos=add_bos, truncate=truncate)
+    n = len(texts)
+    hidden: list[torch.Tensor | None] = [None] * n
+    results: list[Any] = [None] * n
+
+    def step(idx: list[int]) -> None:
+        batch = forward_batch(m, [ids[i] for i in idx], layers, padding_side=padding_side, backend=backend,
+                              indices=idx)
+        if reduce is not None:
+            out = reduce(batch)
+            if len(out) != len(idx):
+                raise InputError(f"reduce returned {len(out)} items for a batch of {len(idx)} texts; return one "
+                                 "per text.")
+            for i, o in zip(idx, out):
+                results[i] = o
+        else:
+            for b, i in enumerate(idx):
+                hidden[i] = batch.hidden_of(b, layers).float().cpu()
+
+    stats = run_batches(m, ids, step, batch_size=batch_size, progress=progress, desc="capture")
+    stats["tokens"] = int(sum(len(x) for x in ids))
+    return Capture(layers=layers, texts=texts, ids=ids, str_tokens=[m.to_str_tokens(x) for x in ids],
+                   hidden=None if reduce is not None else hidden, results=results if reduce is not None else None,
+                   stats=stats)
+
+
+def chunked(T: int, chunk: int):
+    """Yield slices covering ``range(T)`` in pieces of at most ``chunk``."""
+    for s in range(0, T, chunk):
+        yield slice(s, min(T, s + chunk))
+
+
+def positions_per_chunk(vocab_size: int, budget_bytes: int = 16 * 1024 * 1024) -> int:
+    """How many positions of float32 logits fit in ``budget_bytes`` (at least 1)."""
+    return max(1, int(budget_bytes // (4 * max(1, vocab_size))))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return int(math.ceil(a / b))

