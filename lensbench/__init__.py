@@ -1,7 +1,20 @@
-"""lensbench: probes for looking inside any Hugging Face causal LM."""
+"""lensbench: probes for looking inside any Hugging Face causal LM.
 
+>>> import lensbench as lb
+>>> m = lb.load()                                        # embedded SmolLM2-135M-Instruct, offline
+>>> res = lb.logit_lens(m, "The capital of France is", target=" Paris")
+"""
+
+from .capture import Capture, CaptureBatch
+from .data import sample_texts
 from .errors import AnatomyError, InputError, LensbenchError, ModelLoadError
 from .model import Anatomy, LensModel, load
+from .probes.lens import LensResult, LensSweepResult, TunedLens, lens_sweep, logit_lens, train_tuned_lens
+from .results import Result
 
 __version__ = "0.1.0"
-__all__ = ["load", "LensModel", "Anatomy", "LensbenchError", "InputError", "AnatomyError", "ModelLoadError"]
+__all__ = [
+    "load", "LensModel", "Anatomy", "Capture", "CaptureBatch", "Result",
+    "logit_lens", "lens_sweep", "train_tuned_lens", "TunedLens", "LensResult", "LensSweepResult",
+    "sample_texts", "LensbenchError", "InputError", "AnatomyError", "ModelLoadError",
+]

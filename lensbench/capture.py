@@ -100,7 +100,7 @@ def tokenize(m: LensModel, texts, *, add_bos: bool | None = None, truncate: bool
              param: str = "texts") -> tuple[list[str], list[torch.Tensor]]:
     """Validate and tokenize one string or a list of strings. Returns (texts, list of 1-D id tensors)."""
     if isinstance(texts, str):
-        texts = [texts]
+        texts, param = [texts], ("text" if param == "texts" else param)
     elif hasattr(texts, "column_names") and "text" in getattr(texts, "column_names", []):  # datasets.Dataset
         texts = list(texts["text"])
     elif not isinstance(texts, (list, tuple)):
@@ -221,7 +221,8 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
         batch = forward_batch(m, [ids[i] for i in idx], layers, padding_side=padding_side, backend=backend,
                               indices=idx)
         if reduce is not None:
-            out = reduce(batch)
+            with torch.no_grad():
+                out = reduce(batch)
             if len(out) != len(idx):
                 raise InputError(f"reduce returned {len(out)} items for a batch of {len(idx)} texts; return one "
                                  "per text.")

@@ -1,0 +1,95 @@
+"""Self-contained offline HTML report (plotly embedded once, no network) plus a results folder.
+
+Each probe contributes a section function ``(m, ctx) -> list[(title, html)]``; sections run in order.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .model import LensModel
+
+Section = Callable[[LensModel, dict], list[tuple[str, str]]]
+
+
+def _fig_html(fig) -> str:
+    return fig.to_html(include_plotlyjs=False, full_html=False)
+
+
+def model_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
+    n_params = sum(p.numel() for p in m.model.parameters())
+    card = {
+        "model": m.name, "architecture": type(m.model).__name__, "parameters": f"{n_params / 1e6:.1f} M",
+        "layers (L)": m.n_layers, "d_model": m.d_model, "vocab": m.vocab_size, "device": str(m.device),
+        "dtype": str(m.dtype), "backend": m.backend, "max length": m.max_length,
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in card.items())
+    out = [("Model", f"<table>{rows}</table>"),
+           ("Anatomy and load-time validation", f"<pre>{html.escape(str(m.anatomy))}</pre>")]
+    texts = ctx["texts"]
+    t0 = time.perf_counter()
+    cap = m.capture([m.tokenizer.decode(m.encode(t, truncate=True)[: ctx["max_tokens"]]) for t in texts], progress=ctx.get("progress", True))
+    dt = time.perf_counter() - t0
+    norms = torch.stack([cap.hidden_states(i).norm(dim=-1).mean(-1) for i in range(len(cap))]).mean(0)
+    import plotly.graph_objects as go
+    fig = go.Figure(go.Scatter(x=list(range(m.n_layers + 1)), y=norms.tolist(), mode="lines+markers"))
+    fig.update_layout(title="mean residual-stream norm per layer", xaxis_title="layer", yaxis_title="‖h‖",
+                      height=340)
+    stats = dict(cap.stats, seconds=round(dt, 2), tokens_per_second=round(cap.stats["tokens"] / dt, 1))
+    ctx["results"]["capture_stats"] = stats
+    out.append(("Capture statistics", f"<pre>{html.escape(json.dumps(stats, indent=1))}</pre>" + _fig_html(fig)))
+    return out
+
+
+def lens_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
+    from .probes.lens import lens_sweep, logit_lens
+    res = logit_lens(m, ctx["prompt"], progress=False)
+    res.save(ctx["outdir"] / "lens_prompt.safetensors")
+    sweep = lens_sweep(m, ctx["texts"], max_tokens_per_text=ctx["max_tokens"], progress=ctx.get("progress", True))
+    sweep.save(ctx["outdir"] / "lens_sweep.safetensors")
+    sweep.to_dataframe().to_csv(ctx["outdir"] / "lens_sweep.csv", index=False)
+    return [("Logit lens: one prompt", _fig_html(res.figure())),
+            ("Logit lens over the sample texts", _fig_html(sweep.figure("kl_to_final"))
+             + _fig_html(sweep.figure("ce_next")))]
+
+
+SECTIONS: list[Section] = [model_section, lens_section]
+
+
+def write_report(m: LensModel, out: str | Path = "out/report.html", *, quick: bool = False,
+                 texts: list[str] | None = None, prompt: str = "The capital of France is",
+                 progress: bool = True) -> Path:
+    """Run every probe section on ``m`` and write one offline HTML file; arrays go to ``<out>_results/``."""
+    from plotly.offline import get_plotlyjs
+    from .data import sample_texts
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    outdir = out.with_name(out.stem + "_results")
+    outdir.mkdir(parents=True, exist_ok=True)
+    texts = texts or sample_texts(3 if quick else None)
+    ctx = {"texts": texts, "prompt": prompt, "max_tokens": 48 if quick else 256, "outdir": outdir,
+           "results": {}, "progress": progress}
+    parts = []
+    for section in SECTIONS:
+        try:
+            parts += section(m, ctx)
+        except Exception as e:  # a failing section is reported in the page, the rest still runs
+            parts.append((f"{section.__name__} failed", f"<pre>{html.escape(repr(e))}</pre>"))
+    (outdir / "summary.json").write_text(json.dumps(ctx["results"], indent=1))
+    body = "".join(f"<section><h2>{html.escape(t)}</h2>{h}</section>" for t, h in parts)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>lensbench report: {html.escape(m.name)}"
+            "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}th{text-align:left;"
+            "padding-right:1em}section{margin:2em 0}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+            f"<h1>lensbench report</h1><p>{html.escape(m.name)} · {time.strftime('%Y-%m-%d %H:%M')}"
+            f"{' · quick' if quick else ''}</p>{body}</body></html>")
+    out.write_text(page, encoding="utf-8")
+    return out
