@@ -85,7 +85,7 @@ class Capture:
     def hidden_states(self, i: int) -> torch.Tensor:
         """``Tensor[n_layers_captured, T_i, d_model]`` for text ``i`` (all layers: index = layer number)."""
         if self.hidden is None:
-            raise InputError("this capture was made with reduce=...; its per-text outputs are in .results")
+            raise InputError("this capture kept no hidden states: it was made with reduce=..., whose per-text outputs are in .results")
         return self.hidden[i]
 
     def tokens(self, i: int) -> list[str]:
@@ -98,8 +98,10 @@ class Capture:
 
 def tokenize(m: LensModel, texts, *, add_bos: bool | None = None, truncate: bool = False,
              param: str = "texts") -> tuple[list[str], list[torch.Tensor]]:
-    """Validate and tokenize one string or a list of strings. Returns (texts, list of 1-D id tensors)."""
-    if isinstance(texts, str):
+    """Validate and tokenize one string or a list of strings (1-D token-id tensors pass through).
+
+    Returns (texts, list of 1-D id tensors)."""
+    if isinstance(texts, (str, torch.Tensor)):
         texts, param = [texts], ("text" if param == "texts" else param)
     elif hasattr(texts, "column_names") and "text" in getattr(texts, "column_names", []):  # datasets.Dataset
         texts = list(texts["text"])
@@ -108,9 +110,34 @@ def tokenize(m: LensModel, texts, *, add_bos: bool | None = None, truncate: bool
     texts = list(texts)
     if not texts:
         raise InputError(f"{param} is an empty list; pass at least one text.")
-    ids = [m.encode(t, add_bos=add_bos, truncate=truncate, param=f"{param}[{i}]" if len(texts) > 1 else param)
-           for i, t in enumerate(texts)]
+    ids = []
+    for i, t in enumerate(texts):
+        name = f"{param}[{i}]" if len(texts) > 1 else param
+        if isinstance(t, torch.Tensor):
+            if t.dim() != 1 or t.numel() == 0 or t.dtype not in (torch.long, torch.int, torch.int32):
+                raise InputError(f"{name}: token ids must be a non-empty 1-D integer tensor.")
+            if t.numel() > m.max_length:
+                raise InputError(f"{name} has {t.numel()} tokens; the model accepts at most {m.max_length}.")
+            ids.append(t.long().cpu())
+            texts[i] = m.tokenizer.decode(t)
+        else:
+            ids.append(m.encode(t, add_bos=add_bos, truncate=truncate, param=name))
     return texts, ids
+
+
+def windows(m: LensModel, texts, max_tokens: int, *, max_windows_per_text: int | None = None) -> list[torch.Tensor]:
+    """Split each text's tokens into consecutive windows of at most ``max_tokens`` (for sweeps/training)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    out = []
+    for i, t in enumerate(texts):
+        check_text(t, f"texts[{i}]")
+        kw = {"add_special_tokens": True}
+        ids = m.tokenizer(t, return_tensors="pt", **kw)["input_ids"][0]
+        pieces = [ids[s: s + max_tokens] for s in range(0, len(ids), max_tokens)]
+        pieces = [p for p in pieces if len(p) >= 2]
+        out += pieces[:max_windows_per_text] if max_windows_per_text else pieces
+    return out
 
 
 def pad_batch(m: LensModel, ids: list[torch.Tensor], padding_side: str = "right"):

@@ -49,6 +49,7 @@ class Anatomy:
         logit_softcap: ``c`` in ``c * tanh(z / c)`` applied after the unembedding, or None.
         logit_scale: scalar multiplying the logits after the unembedding (Cohere), or None.
         logit_divisor: scalar dividing the logits after the unembedding (Granite), or None.
+        d_model: width of the residual stream (may differ from the embedding width, e.g. OPT-350m).
         checks: name -> max abs difference measured by the load-time validation.
     """
 
@@ -60,6 +61,7 @@ class Anatomy:
     logit_softcap: float | None = None
     logit_scale: float | None = None
     logit_divisor: float | None = None
+    d_model: int = 0
     checks: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -160,8 +162,9 @@ def discover_anatomy(model: nn.Module, input_ids: torch.Tensor) -> Anatomy:
                   if name not in ancestors and mod not in block_mods and name != unembed_path
                   and not name.startswith(unembed_path + ".") and name}
 
-    def last_block_hook(*_):
+    def last_block_hook(_mod, _args, out):
         state["after_last"] = True
+        state["d_model"] = int(_first_tensor(out).shape[-1])
 
     def unembed_pre(*_):
         state["done"] = True
@@ -194,7 +197,7 @@ def discover_anatomy(model: nn.Module, input_ids: torch.Tensor) -> Anatomy:
     div = float(div) if isinstance(div, (int, float)) and div not in (0, 1) else None
     return Anatomy(embed=_path_of(model, embed_mod), blocks=blocks_path, n_layers=len(blocks), final=final,
                    unembed=unembed_path, logit_softcap=float(softcap) if softcap else None, logit_scale=scale,
-                   logit_divisor=div)
+                   logit_divisor=div, d_model=state.get("d_model", 0))
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -238,7 +241,8 @@ class LensModel:
 
     @property
     def d_model(self) -> int:
-        return int(self.embed_module.weight.shape[-1])
+        """Width of the residual stream."""
+        return self.anatomy.d_model
 
     @property
     def vocab_size(self) -> int:

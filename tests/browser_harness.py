@@ -39,6 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ __all__ = [
     "CHROMIUM_ARGS",
     "CHROMIUM_PATH",
     "JupyterLab",
+    "NotebookExecutionHalted",
     "cell_errors",
     "cell_states",
     "kernel_status",
@@ -193,16 +195,21 @@ def _click_run_all(page) -> None:
     """Run → Run All Cells through the main menu; falls back to the app command registry."""
     try:
         page.locator(ACTIVE_NOTEBOOK).first.click(position={"x": 5, "y": 5}, timeout=5_000)  # focus
-        page.locator(".lm-MenuBar-itemLabel").filter(has_text=re.compile(r"^Run$")).first.click(
-            timeout=5_000
+        page.locator(".lm-MenuBar-itemLabel").filter(has_text=re.compile(r"^Run$")).first.click(timeout=5_000)
+        # the Run menu's entry is the generic `runmenu:run-all` command; match on its label too
+        items = page.locator(".lm-Menu .lm-Menu-item")
+        item = (
+            items.filter(has=page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")))
+            .or_(page.locator('.lm-Menu .lm-Menu-item[data-command="runmenu:run-all"]'))
+            .first
         )
-        item = page.locator('.lm-Menu-item[data-command="notebook:run-all-cells"]').first
         item.wait_for(state="visible", timeout=5_000)
         if "lm-mod-disabled" in (item.get_attribute("class") or ""):
             raise RuntimeError("'Run All Cells' menu item is disabled")
         item.click(timeout=5_000)
         return
     except Exception as exc:  # noqa: BLE001 - fall back to the command registry
+        warnings.warn(f"run_all: menu path failed ({exc!s:.200}); using jupyterapp.commands", stacklevel=3)
         page.keyboard.press("Escape")  # close a half-open menu
         ok = page.evaluate(
             "() => window.jupyterapp ? window.jupyterapp.commands.execute('notebook:run-all-cells')"
@@ -212,12 +219,32 @@ def _click_run_all(page) -> None:
             raise RuntimeError(f"could not trigger 'Run All Cells': {exc}") from exc
 
 
-def run_all(page, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    """Run all cells of the active notebook and wait for completion.
+class NotebookExecutionHalted(RuntimeError):
+    """Run All stopped at an exception before every cell got an execution count."""
 
-    Completion = every non-empty code cell shows an execution count (``[N]:``, no ``[*]``),
-    the kernel is idle, and this state holds for two consecutive polls.  Returns the final
-    :func:`cell_states`.  Raises ``TimeoutError`` describing the last cell on timeout.
+    def __init__(self, message: str, errors: list[str], states: list[dict[str, Any]]):
+        super().__init__(message)
+        self.errors = errors
+        self.states = states
+
+
+def _describe(cell: dict[str, Any]) -> str:
+    return (
+        f"cell #{cell.get('index')} prompt={cell.get('prompt')!r} "
+        f"source={cell.get('source', '')[:300]!r} output tail={cell.get('output', '')[-800:]!r}"
+    )
+
+
+def run_all(page, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """Run all cells of the active notebook (Run → Run All Cells) and wait for completion.
+
+    Completion = every non-empty code cell shows an execution count (``[N]:``, no ``[*]``)
+    and the kernel is idle, stable over two polls.  Returns the final :func:`cell_states`
+    (error outputs in the *last* cells do not raise: check :func:`cell_errors`).
+
+    Raises ``NotebookExecutionHalted`` (listing the tracebacks) when JupyterLab aborted the
+    run at an exception so that later cells will never execute, and ``TimeoutError``
+    (describing the first unfinished / last cell and the kernel state) after ``timeout_s``.
     """
     wait_for_kernel_idle(page, timeout_s=min(timeout_s, 60.0))
     before = [c["prompt"] for c in cell_states(page)]
@@ -225,34 +252,40 @@ def run_all(page, timeout_s: float = 120.0) -> list[dict[str, Any]]:
 
     deadline = time.monotonic() + timeout_s
     progressed = False
-    stable = 0
+    stable_done = stable_halted = 0
     states: list[dict[str, Any]] = []
     status: dict[str, str | None] = {}
     while time.monotonic() < deadline:
         states = cell_states(page)
         status = kernel_status(page)
         prompts = [c["prompt"] for c in states]
-        if prompts != before or any("*" in p for p in prompts):
+        running = any("*" in p for p in prompts)
+        if prompts != before or running:
             progressed = True
-        done = (
-            progressed
-            and _is_idle(status)
-            and all(_PROMPT_DONE.match(c["prompt"]) for c in states if c["source"].strip())
-        )
-        stable = stable + 1 if done else 0
-        if stable >= 2:
+        settled = progressed and not running and _is_idle(status)
+        pending = [c for c in states if c["source"].strip() and not _PROMPT_DONE.match(c["prompt"])]
+        stable_done = stable_done + 1 if settled and not pending else 0
+        stable_halted = stable_halted + 1 if settled and pending else 0
+        if stable_done >= 2:
             return states
+        if stable_halted >= 4:  # ~1 s idle with unexecuted cells: the run was aborted
+            errors = cell_errors(page)
+            if errors:
+                raise NotebookExecutionHalted(
+                    f"run_all: execution stopped at an exception; {len(pending)}/{len(states)} code "
+                    f"cells never ran (first: {_describe(pending[0])}).\nErrors:\n\n" + "\n\n".join(errors),
+                    errors,
+                    states,
+                )
         page.wait_for_timeout(250)
 
     pending = [c for c in states if c["source"].strip() and not _PROMPT_DONE.match(c["prompt"])]
     last = (pending or states or [{}])[0 if pending else -1]
     raise TimeoutError(
         f"run_all: not finished after {timeout_s:.0f}s; kernel={status}; "
-        f"{len(pending)}/{len(states)} code cells without execution count; prompts="
-        f"{[c['prompt'] for c in states]}; "
-        f"{'first unfinished' if pending else 'last'} cell #{last.get('index')} "
-        f"prompt={last.get('prompt')!r} source={last.get('source', '')[:300]!r} "
-        f"output tail={last.get('output', '')[-800:]!r}"
+        f"{len(pending)}/{len(states)} code cells without execution count; "
+        f"prompts={[c['prompt'] for c in states]}; "
+        f"{'first unfinished' if pending else 'last'} {_describe(last)}"
     )
 
 
@@ -266,9 +299,11 @@ def cell_errors(page) -> list[str]:
     found = page.evaluate(_JS_CELL_ERRORS, ACTIVE_NOTEBOOK)
     errors = [_ANSI.sub("", t).strip() for t in found["dom"]]
     for err in found["model"]:
-        head = f"{err['ename']}: {err['evalue']}"
-        if not any(err["ename"] in t and str(err["evalue"])[:80] in t for t in errors):
-            errors.append(head + "\n" + _ANSI.sub("", err["traceback"]))
+        tb = _ANSI.sub("", err["traceback"]).strip()
+        # the DOM text of an error output is its traceback: match on the final "Name: value" line
+        key = next((ln.strip() for ln in reversed(tb.splitlines()) if ln.strip()), err["ename"])
+        if not any(key in t for t in errors):
+            errors.append(f"{err['ename']}: {err['evalue']}\n{tb}")
     return errors
 
 

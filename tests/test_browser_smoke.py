@@ -20,9 +20,7 @@ ARTIFACTS = Path(os.environ.get("LENSBENCH_BROWSER_ARTIFACTS", REPO / "test-arti
 IN_CI = bool(os.environ.get("CI"))
 
 if not Path(CHROMIUM_PATH).exists() and not IN_CI:
-    pytest.skip(
-        f"Chromium not found at {CHROMIUM_PATH} (apt-get install chromium)", allow_module_level=True
-    )
+    pytest.skip(f"Chromium not found at {CHROMIUM_PATH} (apt-get install chromium)", allow_module_level=True)
 
 pytestmark = pytest.mark.browser
 
@@ -64,6 +62,7 @@ def test_figurewidget_heatmap_follows_slider(lab):
     title.wait_for(state="attached", timeout=30_000)
     assert title.text_content() == "layer = 0"
     z_before = heatmap.first.get_attribute("href") or heatmap.first.get_attribute("xlink:href")
+    box.scroll_into_view_if_needed()
     lab.screenshot(page, "smoke-02-rendered")
 
     handle = box.locator(".lb-test-slider .noUi-handle").first

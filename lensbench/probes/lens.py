@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import CaptureBatch, capture, tokenize
+from ..capture import CaptureBatch, capture, tokenize, windows
 from ..errors import InputError, LensbenchError
 from ..model import LensModel
 from ..results import Result, load_tensors, save_tensors
@@ -358,8 +358,8 @@ def _hist_max(m: LensModel) -> dict[str, float]:
     return d
 
 
-def _text_key(m: LensModel, text: str, settings: dict) -> str:
-    h = hashlib.sha256(json.dumps([m.name, m.n_layers, m.d_model, str(m.dtype), text, settings],
+def _text_key(m: LensModel, ids: torch.Tensor, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps([m.name, m.n_layers, m.d_model, str(m.dtype), ids.tolist(), settings],
                                   sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -375,15 +375,17 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
 
     Args:
         texts: list of strings or a ``datasets.Dataset`` with a ``text`` column.
-        max_tokens_per_text: texts longer than this are cut (keeps batches even); None = model maximum.
+        max_tokens_per_text: only each text's first this-many tokens are used (keeps batches even);
+            None = whole texts (each must fit the model's context).
         cache_dir: folder for per-text results (resume); None = no disk cache.
     """
     if isinstance(texts, str):
         texts = [texts]
-    texts, _ = tokenize(m, texts)
     if max_tokens_per_text is not None:
-        texts = [m.tokenizer.decode(m.encode(t, truncate=True)[:max_tokens_per_text], skip_special_tokens=True)
-                 for t in texts]
+        tokenize(m, texts)  # validates every text with a clear message
+        texts = windows(m, texts, max_tokens_per_text, max_windows_per_text=1)
+    else:
+        texts = tokenize(m, texts)[1]
     hmax = _hist_max(m)
     L = m.n_layers
     layers = list(range(L + 1))
@@ -469,7 +471,8 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 100, lr: float = 1e-4,
         texts = [texts]
     L, d = m.n_layers, m.d_model
     g = torch.Generator().manual_seed(seed)
-    cap = capture(m, texts, layers=None, batch_size="auto", progress=progress, truncate=True)
+    cap = capture(m, windows(m, texts, min(256, m.max_length)), layers=None, batch_size="auto",
+                  progress=progress)
     H = torch.cat([cap.hidden_states(i) for i in range(len(cap))], dim=1)  # [L+1, N, d] float32 CPU
     if H.shape[1] > max_tokens:
         keep = torch.randperm(H.shape[1], generator=g)[:max_tokens]
@@ -510,7 +513,7 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 100, lr: float = 1e-4,
                 lp = torch.log_softmax(m.unembed(h), -1)
                 loss = (final_p * (final_lp - lp)).sum(-1).mean() / len(lay)
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             opt.step()
             history.append(total)
             bar.set_postfix(kl=f"{total:.3f}")

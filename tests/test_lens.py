@@ -1,0 +1,207 @@
+"""Logit lens and tuned lens: identities, an independent naive reference, sweeps, resume, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import ARCHS, DTYPES
+
+import lensbench as lb
+from lensbench.probes import lens as lens_mod
+
+TEXT = "The capital of France is Paris. One, two, three!"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_last_layer_reproduces_model_logprobs(tiny, arch, dtype):
+    m = tiny(arch, dtype)
+    res = lb.logit_lens(m, TEXT, top_k=5, progress=False)
+    with torch.no_grad():
+        lp = torch.log_softmax(m.forward(res.input_ids[None]).logits[0].float(), -1)
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    top = lp.topk(5, -1)
+    assert (res.top_probs[-1].log() - top.values).abs().max() <= tol
+    nxt = res.input_ids[1:]
+    assert (res.ce_next[-1, :-1] + lp[:-1].gather(-1, nxt[:, None])[:, 0]).abs().max() <= tol
+    assert math.isnan(res.ce_next[-1, -1])
+    assert res.kl_to_final[-1].abs().max() <= tol
+    assert res.entropy.dtype == torch.float32 and torch.isfinite(res.entropy).all()
+
+
+def _naive(m, text):
+    """Independent reference: HF's own hidden states, full [layers, T, V] log-softmax, full sort for ranks."""
+    ids = m.encode(text)
+    with torch.no_grad():
+        out = m.forward(ids[None], output_hidden_states=True)
+    hs = [h[0] for h in out.hidden_states[:-1]]
+    L = m.n_layers
+    with torch.no_grad():
+        final = torch.log_softmax(out.logits[0].float(), -1)
+        lps = torch.stack([torch.log_softmax(m.model.lm_head(m.model.model.norm(h)).float(), -1) for h in hs]
+                          + [final])
+    p = lps.exp()
+    nxt = ids[1:]
+    ent = -(p * lps).sum(-1)
+    kl = (final.exp()[None] * (final[None] - lps)).sum(-1)
+    ce = torch.full((L + 1, len(ids)), float("nan"))
+    ce[:, :-1] = -lps[:, :-1].gather(-1, nxt[None, :, None].expand(L + 1, -1, 1))[..., 0]
+    order = lps.argsort(-1, descending=True)
+    rank = torch.full((L + 1, len(ids)), float("nan"))
+    rank[:, :-1] = (order[:, :-1] == nxt[None, :, None]).float().argmax(-1).float()
+    return dict(entropy=ent, kl_to_final=kl, ce_next=ce, rank=rank, top=lps.topk(3, -1), lps=lps)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "qwen2"])
+def test_agrees_with_naive_full_vocab_reference(tiny, arch):
+    m = tiny(arch)
+    ref = _naive(m, TEXT)
+    res = lb.logit_lens(m, TEXT, top_k=3, progress=False)
+    for k in ("entropy", "kl_to_final", "ce_next"):
+        assert torch.allclose(getattr(res, k), ref[k], atol=2e-4, equal_nan=True), k
+    assert torch.equal(res.target_rank[:, :-1], ref["rank"][:, :-1])
+    assert torch.allclose(res.top_probs, ref["top"].values.exp(), atol=1e-5)
+    assert torch.equal(res.top_ids, ref["top"].indices)
+    assert torch.allclose(res.top1_confidence, -ref["top"].values[..., 0], atol=1e-5)
+
+
+def test_chunking_does_not_change_numbers(tiny):
+    m = tiny("llama")
+    a = lb.logit_lens(m, TEXT, progress=False)
+    b = lb.logit_lens(m, TEXT, chunk_bytes=1, progress=False)  # one position per chunk
+    for k in ("entropy", "kl_to_final", "ce_next", "top_probs", "target_prob", "target_rank"):
+        assert torch.allclose(getattr(a, k), getattr(b, k), atol=1e-6, equal_nan=True), k
+
+
+def test_fixed_target_on_default_model(default_model):
+    res = lb.logit_lens(default_model, "The capital of France is", target=" Paris", progress=False)
+    assert res.target == " Paris"
+    assert res.target_prob[-1, -1] == pytest.approx(0.77, abs=0.03)
+    assert res.target_rank[-1, -1] == 0
+    assert res.top_tokens(1)[-1][-1][0] == " Paris"
+    # the answer forms late: early layers give Paris a tiny probability
+    assert res.target_prob[: default_model.n_layers // 3, -1].max() < 0.05
+
+
+def test_layer_subset_and_batch_of_texts(tiny):
+    m = tiny("gpt2")
+    full = lb.logit_lens(m, [TEXT, "hello world"], progress=False)
+    assert isinstance(full, list) and len(full) == 2
+    sub = lb.logit_lens(m, "hello world", layers=[0, -1], progress=False)
+    assert sub.layers == [0, 2]
+    assert torch.allclose(sub.entropy, full[1].entropy[[0, 2]], atol=1e-5)
+
+
+def test_backends_give_same_lens():
+    from test_capture import _nnsight_and_bridge
+    hf, nn, br = _nnsight_and_bridge()
+    ref = lb.logit_lens(hf, TEXT, progress=False)
+    for other in (nn, br):
+        r = lb.logit_lens(other, TEXT, progress=False)
+        assert torch.allclose(r.kl_to_final, ref.kl_to_final, atol=1e-4)
+        assert torch.allclose(r.top_probs, ref.top_probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(top_k=0), "top_k"), (dict(top_k=10**6), "top_k"), (dict(top_k=2.5), "top_k"),
+    (dict(target="hello world fox"), "tokens"), (dict(target=10**7), "outside the vocabulary"),
+    (dict(layers=[7]), "layers"), (dict(lens="tuned"), "TunedLens"),
+])
+def test_bad_arguments(tiny, kw, match):
+    with pytest.raises(lb.InputError, match=match):
+        lb.logit_lens(tiny("llama"), TEXT, progress=False, **kw)
+
+
+def test_nonfinite_hidden_states_are_reported(tiny):
+    m = tiny("llama")
+    h = m.blocks[0].register_forward_hook(lambda _m, _a, out: (out[0] * float("inf"),) + tuple(out[1:])
+                                          if isinstance(out, tuple) else out * float("inf"))
+    try:
+        with pytest.raises(lb.LensbenchError, match="non-finite.*float32"):
+            lb.logit_lens(m, TEXT, progress=False)
+    finally:
+        h.remove()
+
+
+def test_identity_tuned_lens_equals_logit_lens(tiny):
+    m = tiny("llama")
+    a = lb.logit_lens(m, TEXT, progress=False)
+    b = lb.logit_lens(m, TEXT, lens=lb.TunedLens.identity(m), progress=False)
+    assert b.lens == "tuned"
+    assert torch.allclose(a.kl_to_final, b.kl_to_final, atol=1e-5)
+
+
+def test_tuned_lens_beats_logit_lens_on_held_out_text(tiny, tmp_path):
+    m = lb.load(*__import__("lensbench.testing", fromlist=["tiny_model"]).tiny_model("llama", num_hidden_layers=4))
+    texts = lb.sample_texts()
+    tl = lb.train_tuned_lens(m, texts[:6], steps=20, lr=1e-3, max_tokens=2000, progress=False)
+    assert len(tl.history) == 20
+    held = texts[-1][:600]
+    logit = lb.logit_lens(m, held, progress=False).kl_to_final[:-1].mean(1)
+    tuned = lb.logit_lens(m, held, lens=tl, progress=False).kl_to_final[:-1].mean(1)
+    assert (tuned < logit).all(), (logit, tuned)
+    p = tl.save(tmp_path / "tl")
+    again = lb.TunedLens.load(p)
+    assert torch.equal(again.A, tl.A) and again.history == tl.history
+    other = lb.load(*__import__("lensbench.testing", fromlist=["tiny_model"]).tiny_model("llama"))
+    with pytest.raises(lb.InputError, match="trained for L=4"):
+        lb.logit_lens(other, held, lens=again, progress=False)
+
+
+def test_sweep_mean_and_quantiles_match_per_text_results(tiny):
+    m = tiny("llama")
+    texts = [t[:300] for t in lb.sample_texts(5)]
+    sw = lb.lens_sweep(m, texts, max_tokens_per_text=None, progress=False)
+    per = lb.logit_lens(m, texts, progress=False)
+    assert sw.n_tokens == sum(len(r.tokens) for r in per)
+    for si, s in enumerate(sw.stats):
+        allv = torch.cat([getattr(r, s) for r in per], dim=1).double()
+        exact_mean = torch.nanmean(allv, dim=1)
+        assert torch.allclose(sw.mean[si].double(), exact_mean, rtol=1e-5, atol=1e-5), s
+        width = sw.hist_max[si] / lens_mod.N_BINS
+        for qi, q in enumerate(sw.q):
+            exact = np.nanquantile(allv.numpy(), q, axis=1, method="inverted_cdf")
+            clipped = np.clip(exact, 0, sw.hist_max[si])
+            assert np.abs(sw.quantiles[si, :, qi].numpy() - clipped).max() <= 1.5 * width + 1e-6, (s, q)
+
+
+def test_sweep_resumes_after_interruption(tiny, tmp_path, monkeypatch):
+    m = tiny("llama")
+    texts = [t[:200] for t in lb.sample_texts(12)]
+    ref = lb.lens_sweep(m, texts, progress=False)
+    real = lens_mod.logit_lens
+    calls = {"n": 0}
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-sweep")
+        return real(*a, **kw)
+    monkeypatch.setattr(lens_mod, "logit_lens", dying)
+    with pytest.raises(KeyboardInterrupt):
+        lb.lens_sweep(m, texts, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 8  # the first group of 8 texts was saved
+    monkeypatch.setattr(lens_mod, "logit_lens", real)
+    resumed = lb.lens_sweep(m, texts, cache_dir=tmp_path, progress=False)
+    assert resumed == ref
+
+
+def test_results_roundtrip_and_views(tiny, tmp_path):
+    m = tiny("llama")
+    res = lb.logit_lens(m, TEXT, target="e", progress=False)
+    path = res.save(tmp_path / "r")
+    again = lb.Result.load(path)
+    assert isinstance(again, lb.LensResult) and again == res
+    df = res.to_dataframe()
+    assert len(df) == len(res.layers) * len(res.tokens)
+    assert df.query("layer == 2")["top1_prob"].to_numpy() == pytest.approx(res.top_probs[-1, :, 0].numpy())
+    fig = res.figure("entropy")
+    assert fig.data[0].z.shape == (3, len(res.tokens))
+    assert "LensResult" in res._repr_html_()
+    sw = lb.lens_sweep(m, ["hello world", TEXT], progress=False)
+    sw.save(tmp_path / "s")
+    assert lb.LensSweepResult.load(tmp_path / "s.safetensors") == sw
+    assert len(sw.figure().data) == 3
