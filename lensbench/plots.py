@@ -28,6 +28,7 @@ def lens_heatmap_data(res, stat: str = "top1_prob", k_hover: int = 5):
 def lens_heatmap(res, stat: str = "top1_prob", *, k_hover: int = 5, title: str | None = None, height: int | None = None):
     """Layers × positions heatmap coloured by ``stat``; each cell shows the layer's top-1 token."""
     import plotly.graph_objects as go
+
     from .probes.lens import STAT_LABELS
     z, text, hover = lens_heatmap_data(res, stat, k_hover)
     x = [f"{t}:{_clean(tok)}" for t, tok in enumerate(res.tokens)]

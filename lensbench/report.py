@@ -69,6 +69,7 @@ def write_report(m: LensModel, out: str | Path = "out/report.html", *, quick: bo
                  progress: bool = True) -> Path:
     """Run every probe section on ``m`` and write one offline HTML file; arrays go to ``<out>_results/``."""
     from plotly.offline import get_plotlyjs
+
     from .data import sample_texts
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -205,3 +205,26 @@ def test_results_roundtrip_and_views(tiny, tmp_path):
     sw.save(tmp_path / "s")
     assert lb.LensSweepResult.load(tmp_path / "s.safetensors") == sw
     assert len(sw.figure().data) == 3
+
+
+def test_retarget_without_forward_pass(tiny):
+    m = tiny("llama")
+    res = lb.logit_lens(m, TEXT, keep_hidden=True, progress=False)
+    calls = {"n": 0}
+    h = m.model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        re = res.retarget(m, "e")
+        back = re.retarget(m, None)
+    finally:
+        h.remove()
+    assert calls["n"] == 0
+    direct = lb.logit_lens(m, TEXT, target="e", progress=False)
+    assert torch.allclose(re.target_prob, direct.target_prob, atol=1e-6)
+    assert torch.equal(re.target_rank, direct.target_rank)
+    assert torch.allclose(back.target_prob, res.target_prob, atol=1e-6, equal_nan=True)
+    # logsumexp makes any token's probability recoverable: p(top-1) from it equals top_probs
+    with torch.no_grad():
+        z = m.unembed(res.hidden[-1])
+    assert torch.allclose(z.max(-1).values - res.logsumexp[-1], res.top_probs[-1, :, 0].log(), atol=1e-5)
+    with pytest.raises(lb.InputError, match="keep_hidden"):
+        lb.logit_lens(m, TEXT, progress=False).retarget(m, "e")

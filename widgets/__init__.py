@@ -1,0 +1,9 @@
+"""lensbench.widgets: Jupyter explorers over the probes (ipywidgets + plotly FigureWidget).
+
+Import as ``from lensbench.widgets import LogitLensExplorer``; the package lives in the top-level ``widgets/``
+folder and is installed as ``lensbench.widgets``. Importing ``lensbench`` alone never imports this.
+"""
+
+from .lens import LogitLensExplorer
+
+__all__ = ["LogitLensExplorer"]

@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -93,7 +94,7 @@ def _lens_name(lens) -> str:
 # --------------------------------------------------------------------------------------------- core reduction
 def _lens_stats(m: LensModel, hidden: dict[int, torch.Tensor], layers: list[int], ids: torch.Tensor,
                 target: torch.Tensor, *, top_k: int, lens: TunedLens | None, apply_final_norm: bool,
-                chunk: int) -> dict[str, torch.Tensor]:
+                chunk: int, keep_hidden: bool = False) -> dict[str, torch.Tensor]:
     """Per-layer, per-position statistics for one text. ``hidden[l]``: ``[T, d]`` on device.
 
     ``target``: ``[T]`` token ids (-1 = none). Returns CPU tensors ``[n_layers, T(, k)]``.
@@ -106,12 +107,14 @@ def _lens_stats(m: LensModel, hidden: dict[int, torch.Tensor], layers: list[int]
     target = target.to(dev)
     nxt = torch.full((T,), -1, dtype=torch.long, device=dev)
     nxt[:-1] = ids[1:]
-    out = {k: torch.empty(n, T, dtype=torch.float32) for k in STATS}
+    out = {k: torch.empty(n, T, dtype=torch.float32) for k in STATS + ("logsumexp",)}
     top_ids = torch.empty(n, T, top_k, dtype=torch.long)
     top_probs = torch.empty(n, T, top_k, dtype=torch.float32)
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
-        final_lp = torch.log_softmax(m.unembed(hidden[L][s:e]), -1)      # [c, V] float32
+        final_z = m.unembed(hidden[L][s:e])                              # [c, V] float32
+        final_lse = torch.logsumexp(final_z, -1)
+        final_lp = final_z - final_lse[:, None]
         final_p = final_lp.exp()
         neg_h_final = (final_p * final_lp).sum(-1)                       # sum p_L log p_L
         tgt, nx = target[s:e], nxt[s:e]
@@ -121,8 +124,12 @@ def _lens_stats(m: LensModel, hidden: dict[int, torch.Tensor], layers: list[int]
                 h = lens.apply(h, layer)
             if layer == L and lens is None and apply_final_norm:
                 lp = final_lp
+                out["logsumexp"][j, s:e] = final_lse.cpu()
             else:
-                lp = torch.log_softmax(m.unembed(h, apply_final_norm=apply_final_norm), -1)
+                z = m.unembed(h, apply_final_norm=apply_final_norm)
+                lse = torch.logsumexp(z, -1, keepdim=True)
+                lp = z - lse
+                out["logsumexp"][j, s:e] = lse[:, 0].cpu()
             if not torch.isfinite(lp).all():
                 raise LensbenchError(
                     f"non-finite log-probs at layer {layer} (NaN/inf in the hidden states, e.g. a bfloat16/float16 "
@@ -143,6 +150,9 @@ def _lens_stats(m: LensModel, hidden: dict[int, torch.Tensor], layers: list[int]
             out["ce_next"][j, s:e] = torch.where(has_n, -n_lp, torch.nan).cpu()
     out["top_ids"] = top_ids
     out["top_probs"] = top_probs
+    if keep_hidden:
+        out["hidden"] = torch.stack([(lens.apply(hidden[la], la) if lens is not None else hidden[la]).float().cpu()
+                                     for la in layers])
     return out
 
 
@@ -173,6 +183,9 @@ class LensResult(Result):
         target: the target description ("next token" or the token typed); target_ids ``[T]`` (-1 = none).
         vocab: token id -> string for every id that appears in ``top_ids`` / ``target_ids``.
         lens: "logit" or "tuned"; model_name; apply_final_norm.
+        logsumexp: ``[n_layers, T]`` log-partition of each readout (so any token's probability is
+            ``exp(z_token - logsumexp)``).
+        hidden: ``[n_layers, T, d_model]`` the (translated) residuals when ``keep_hidden=True``, else None.
     """
 
     text: str
@@ -193,6 +206,39 @@ class LensResult(Result):
     lens: str = "logit"
     model_name: str = ""
     apply_final_norm: bool = True
+    logsumexp: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+    def retarget(self, m: LensModel, target: str | int | None, *, chunk_bytes: int = 8 * 2**20) -> LensResult:
+        """Same result with target probability/rank for another token, without a model forward pass.
+
+        Needs ``keep_hidden=True`` at :func:`logit_lens` time; only the unembedding of the kept (translated)
+        residuals is recomputed, in chunks. ``target=None`` goes back to the actual next token.
+        """
+        if self.hidden is None:
+            raise InputError("retarget needs the residuals: call logit_lens(..., keep_hidden=True).")
+        tgt, tname = _targets(m, self.input_ids, target)
+        n, T = self.entropy.shape
+        prob = torch.full((n, T), torch.nan)
+        rank = torch.full((n, T), torch.nan)
+        rows = self.hidden.reshape(n * T, -1)
+        t_all = tgt.repeat(n)
+        chunk = _chunk_for(m, chunk_bytes)
+        with torch.no_grad():
+            for sl in range(0, n * T, chunk):
+                e = min(n * T, sl + chunk)
+                z = m.unembed(rows[sl:e].to(m.device), apply_final_norm=self.apply_final_norm)
+                t = t_all[sl:e].to(z.device)
+                ok = t >= 0
+                zt = z.gather(-1, t.clamp_min(0)[:, None])[:, 0]
+                lp = zt - torch.logsumexp(z, -1)
+                prob.view(-1)[sl:e] = torch.where(ok, lp.exp(), torch.nan).cpu()
+                rank.view(-1)[sl:e] = torch.where(ok, (z > zt[:, None]).sum(-1).float(), torch.nan).cpu()
+        vocab = dict(self.vocab)
+        for u in torch.unique(tgt[tgt >= 0]).tolist():
+            vocab.setdefault(int(u), m.tokenizer.decode([int(u)]))
+        return dataclasses.replace(self, target_prob=prob, target_rank=rank, target_ids=tgt, target=tname,
+                                   vocab=vocab)
 
     def stat(self, name: str) -> torch.Tensor:
         """``[n_layers, T]`` statistic by name (also ``top1_prob``)."""
@@ -245,7 +291,7 @@ def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, targ
                layers: Sequence[int] | int | None = None, lens: TunedLens | None = None,
                apply_final_norm: bool = True, batch_size: int | str = "auto", add_bos: bool | None = None,
                truncate: bool = False, backend: str | None = None, chunk_bytes: int = 8 * 2**20,
-               progress: bool = True) -> LensResult | list[LensResult]:
+               keep_hidden: bool = False, progress: bool = True) -> LensResult | list[LensResult]:
     """Logit lens (or tuned lens with ``lens=``) of one text, or of each text of a list.
 
     Args:
@@ -258,6 +304,8 @@ def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, targ
         apply_final_norm: apply the model's final norm before unembedding (default True).
         batch_size, add_bos, truncate, backend: passed to the capture engine.
         chunk_bytes: memory budget for one ``[positions, vocab]`` float32 block on the device.
+        keep_hidden: keep the residuals in the result (CPU float32) so :meth:`LensResult.retarget` can
+            recolour by any token without another forward pass (what the explorer widget does).
 
     Example:
         >>> res = lb.logit_lens(m, "The capital of France is", target=" Paris")
@@ -284,7 +332,7 @@ def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, targ
             ids = batch.ids_of(b).cpu()
             tgt, _ = _targets(m, ids, target)
             outs.append(_lens_stats(m, hidden, shown, ids, tgt, top_k=top_k, lens=lens,
-                                    apply_final_norm=apply_final_norm, chunk=chunk))
+                                    apply_final_norm=apply_final_norm, chunk=chunk, keep_hidden=keep_hidden))
         return outs
 
     cap = capture(m, text, layers=needed, reduce=reduce, batch_size=batch_size, progress=progress,
@@ -301,7 +349,8 @@ def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, targ
             top_probs=st["top_probs"], entropy=st["entropy"], kl_to_final=st["kl_to_final"],
             ce_next=st["ce_next"], top1_confidence=st["top1_confidence"], target_prob=st["target_prob"],
             target_rank=st["target_rank"], target_ids=tgt, target=tname, vocab=vocab, lens=_lens_name(lens),
-            model_name=m.name, apply_final_norm=apply_final_norm))
+            model_name=m.name, apply_final_norm=apply_final_norm, logsumexp=st["logsumexp"],
+            hidden=st.get("hidden")))
     return results[0] if single else results
 
 

@@ -1,0 +1,177 @@
+"""``LogitLensExplorer``: an interactive logit/tuned lens over ipywidgets + plotly ``FigureWidget``.
+
+Only public probe functions are called: :func:`lensbench.logit_lens` when a text is (re)submitted, and
+:meth:`LensResult.retarget` for a new target token. Every other interaction (statistic, hover, layer/position
+sliders, lens switch) redraws from results already held — no model pass.
+"""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+import plotly.graph_objects as go
+
+import lensbench as lb
+from lensbench.plots import lens_heatmap, lens_heatmap_data
+from lensbench.probes.lens import STAT_LABELS, TunedLens
+
+STAT_CHOICES = [(STAT_LABELS[k], k) for k in
+                ("top1_prob", "entropy", "kl_to_final", "ce_next", "top1_confidence", "target_prob", "target_rank")]
+
+
+class LogitLensExplorer(W.VBox):
+    """Layers × positions heatmap of a lens statistic, with hover top-k, a target box, sliders and a lens switch.
+
+    Args:
+        m: a :class:`lensbench.LensModel`.
+        text: the text to analyse.
+        tuned: optional :class:`lensbench.TunedLens` (enables the logit/tuned switch).
+        compare: optional second text, shown as a second heatmap under the first.
+        top_k: predictions kept per cell (hover shows 5, the side panel all ``top_k``).
+        stat: initial colouring statistic.
+
+    Attributes:
+        results: ``{"logit": LensResult, "tuned": LensResult}`` for the main text.
+        heatmap, topk_fig: the plotly ``FigureWidget`` s; ``compare_heatmap`` when comparing.
+        error: an ``HTML`` widget where bad input is explained (no traceback in the notebook).
+    """
+
+    def __init__(self, m, text: str = "The capital of France is", *, tuned: TunedLens | None = None,
+                 compare: str | None = None, top_k: int = 10, stat: str = "top1_prob"):
+        self.m, self.tuned, self.top_k = m, tuned, top_k
+        self.results: dict[str, lb.LensResult] = {}
+        self.compare_results: dict[str, lb.LensResult] = {}
+        self.text_box = W.Textarea(value=text, description="text", layout=W.Layout(width="70%", height="60px"))
+        self.run_button = W.Button(description="Run lens", button_style="primary", icon="play")
+        self.compare_box = W.Text(value=compare or "", description="compare", placeholder="optional second text",
+                                  layout=W.Layout(width="70%"))
+        self.stat = W.Dropdown(options=STAT_CHOICES, value=stat, description="colour")
+        self.target = W.Text(value="", description="target", placeholder="e.g. ' Paris' (empty = next token)",
+                             continuous_update=False)
+        self.lens_switch = W.ToggleButtons(options=["logit", "tuned"] if tuned is not None else ["logit"],
+                                           value="logit", description="lens")
+        self.layer = W.IntSlider(description="layer", min=0, max=m.n_layers, value=m.n_layers,
+                                 continuous_update=False)
+        self.position = W.IntSlider(description="position", min=0, max=0, value=0, continuous_update=False)
+        self.error = W.HTML("")
+        self.status = W.HTML("")
+        self.heatmap = go.FigureWidget()
+        self.topk_fig = go.FigureWidget()
+        self.compare_heatmap = go.FigureWidget()
+        self.compare_heatmap.layout.height = 10
+        for w, cls in ((self.layer, "lb-layer-slider"), (self.position, "lb-position-slider"),
+                       (self.target, "lb-target-box"), (self.stat, "lb-stat"), (self.run_button, "lb-run")):
+            w.add_class(cls)
+        self.run_button.on_click(lambda _b: self.run())
+        self.stat.observe(lambda _c: self._redraw(), names="value")
+        self.lens_switch.observe(lambda _c: self._redraw(), names="value")
+        self.target.observe(lambda _c: self._retarget(), names="value")
+        self.layer.observe(lambda _c: self._draw_topk(), names="value")
+        self.position.observe(lambda _c: self._draw_topk(), names="value")
+        controls = W.VBox([W.HBox([self.text_box, self.run_button]), self.compare_box,
+                           W.HBox([self.stat, self.target, self.lens_switch]), self.error, self.status])
+        side = W.VBox([self.layer, self.position, self.topk_fig], layout=W.Layout(width="34%"))
+        super().__init__([controls, W.HBox([W.Box([self.heatmap], layout=W.Layout(width="66%")), side]),
+                          self.compare_heatmap])
+        self.add_class("lb-lens-explorer")
+        self.run()
+
+    # ---- model work (only on a new text)
+    def _compute(self, text: str) -> dict[str, lb.LensResult]:
+        out = {"logit": lb.logit_lens(self.m, text, top_k=self.top_k, keep_hidden=True, progress=False)}
+        if self.tuned is not None:
+            out["tuned"] = lb.logit_lens(self.m, text, top_k=self.top_k, lens=self.tuned, keep_hidden=True,
+                                         progress=False)
+        return out
+
+    def run(self) -> None:
+        """Run the lens on the text box (and the compare box); the only place the model is called."""
+        self.error.value = ""
+        try:
+            self.results = self._compute(self.text_box.value)
+            cmp = self.compare_box.value
+            self.compare_results = self._compute(cmp) if cmp.strip() else {}
+            if self.target.value:
+                self._apply_target()
+        except (lb.LensbenchError, ValueError) as e:
+            self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+            return
+        T = len(self.results["logit"].tokens)
+        self.position.max = T - 1
+        self.position.value = T - 1
+        self._redraw()
+
+    def _apply_target(self) -> None:
+        tgt = self.target.value or None
+        self.results = {k: r.retarget(self.m, tgt) for k, r in self.results.items()}
+        self.compare_results = {k: r.retarget(self.m, tgt) for k, r in self.compare_results.items()}
+
+    def _retarget(self) -> None:
+        self.error.value = ""
+        if not self.results:
+            return
+        try:
+            self._apply_target()
+        except (lb.LensbenchError, ValueError) as e:
+            self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+            return
+        if self.target.value and self.stat.value not in ("target_prob", "target_rank"):
+            self.stat.value = "target_prob"  # triggers a redraw
+        else:
+            self._redraw()
+
+    # ---- drawing (no model pass)
+    @property
+    def current(self) -> lb.LensResult:
+        return self.results[self.lens_switch.value]
+
+    def _fill(self, fig: go.FigureWidget, res: lb.LensResult, title_prefix: str = "") -> None:
+        new = lens_heatmap(res, stat=self.stat.value)
+        with fig.batch_update():
+            if not fig.data:
+                fig.add_trace(new.data[0])
+            else:
+                z, text, hover = lens_heatmap_data(res, self.stat.value)
+                tr = fig.data[0]
+                tr.z, tr.text, tr.hovertext, tr.x, tr.y = z, text, hover, new.data[0].x, new.data[0].y
+                tr.colorbar.title.text = self.stat.value
+            fig.layout.title = title_prefix + new.layout.title.text
+            fig.layout.height = new.layout.height
+            fig.layout.xaxis.title = new.layout.xaxis.title
+            fig.layout.yaxis.title = new.layout.yaxis.title
+            fig.layout.margin = new.layout.margin
+
+    def _redraw(self) -> None:
+        if not self.results:
+            return
+        self._fill(self.heatmap, self.current)
+        if self.compare_results:
+            self._fill(self.compare_heatmap, self.compare_results[self.lens_switch.value], "compare · ")
+        elif self.compare_heatmap.data:
+            self.compare_heatmap.data = []
+            self.compare_heatmap.layout.height = 10
+        self._draw_topk()
+        r = self.current
+        self.status.value = (f"<small>{r.lens} lens · {len(r.layers)} layers × {len(r.tokens)} tokens · "
+                             f"{html.escape(r.model_name)}</small>")
+
+    def _draw_topk(self) -> None:
+        if not self.results:
+            return
+        r = self.current
+        li = r.layers.index(self.layer.value) if self.layer.value in r.layers else len(r.layers) - 1
+        t = min(self.position.value, len(r.tokens) - 1)
+        toks = r.top_tokens(self.top_k)[li][t]
+        probs = r.top_probs[li, t].tolist()
+        title = f"layer {r.layers[li]} · pos {t} {r.tokens[t]!r}: top-{len(toks)}"
+        with self.topk_fig.batch_update():
+            labels = [repr(x) for x in toks][::-1]
+            if not self.topk_fig.data:
+                self.topk_fig.add_trace(go.Bar(x=probs[::-1], y=labels, orientation="h"))
+            else:
+                self.topk_fig.data[0].x, self.topk_fig.data[0].y = probs[::-1], labels
+            self.topk_fig.layout.title = title
+            self.topk_fig.layout.xaxis.title = "probability"
+            self.topk_fig.layout.height = 380
+            self.topk_fig.layout.margin = dict(l=110, r=10, t=50, b=40)
