@@ -36,7 +36,8 @@ def model_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
            ("Anatomy and load-time validation", f"<pre>{html.escape(str(m.anatomy))}</pre>")]
     texts = ctx["texts"]
     t0 = time.perf_counter()
-    cap = m.capture([m.tokenizer.decode(m.encode(t, truncate=True)[: ctx["max_tokens"]]) for t in texts], progress=ctx.get("progress", True))
+    from .capture import windows
+    cap = m.capture(windows(m, texts, ctx["max_tokens"], max_windows_per_text=1), progress=ctx.get("progress", True))
     dt = time.perf_counter() - t0
     norms = torch.stack([cap.hidden_states(i).norm(dim=-1).mean(-1) for i in range(len(cap))]).mean(0)
     import plotly.graph_objects as go

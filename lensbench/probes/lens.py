@@ -431,7 +431,6 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
     if isinstance(texts, str):
         texts = [texts]
     if max_tokens_per_text is not None:
-        tokenize(m, texts)  # validates every text with a clear message
         texts = windows(m, texts, max_tokens_per_text, max_windows_per_text=1)
     else:
         texts = tokenize(m, texts)[1]
