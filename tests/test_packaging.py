@@ -50,9 +50,9 @@ def test_wheel_installs_library_and_widgets(tmp_path):
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     code = ("import lensbench, lensbench.widgets, lensbench.data; "
             "from lensbench.widgets import LogitLensExplorer; "
-            "assert 'site-packages' in lensbench.__file__ and str(lensbench.__file__).startswith(%r), lensbench.__file__; "
-            "assert lensbench.widgets.__file__.startswith(%r); "
-            "assert len(lensbench.sample_texts()) >= 20; print('ok')") % (str(venv), str(venv))
+            f"assert 'site-packages' in lensbench.__file__ and str(lensbench.__file__).startswith({str(venv)!r}), lensbench.__file__; "
+            f"assert lensbench.widgets.__file__.startswith({str(venv)!r}); "
+            "assert len(lensbench.sample_texts()) >= 20; print('ok')")
     out = subprocess.run([str(vpy), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
