@@ -5,10 +5,24 @@
 >>> res = lb.logit_lens(m, "The capital of France is", target=" Paris")
 """
 
+from . import estimators
 from .capture import Capture, CaptureBatch
 from .data import sample_texts
 from .errors import AnatomyError, InputError, LensbenchError, ModelLoadError
 from .model import Anatomy, LensModel, load
+from .probes.geometry import (
+    CorrelationResult,
+    GeometryResult,
+    LinearityResult,
+    ShuffleResult,
+    anisotropy,
+    cosine_similarity,
+    geometry_loss_correlation,
+    intrinsic_dimension,
+    linearity,
+    neighborhood_overlap,
+    shuffle_baseline,
+)
 from .probes.lens import LensResult, LensSweepResult, TunedLens, lens_sweep, logit_lens, train_tuned_lens
 from .results import Result
 
@@ -16,5 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "LensModel", "Anatomy", "Capture", "CaptureBatch", "Result",
     "logit_lens", "lens_sweep", "train_tuned_lens", "TunedLens", "LensResult", "LensSweepResult",
-    "sample_texts", "LensbenchError", "InputError", "AnatomyError", "ModelLoadError",
+    "estimators", "intrinsic_dimension", "neighborhood_overlap", "cosine_similarity", "anisotropy", "linearity",
+    "shuffle_baseline", "geometry_loss_correlation", "GeometryResult", "LinearityResult", "ShuffleResult",
+    "CorrelationResult", "sample_texts", "LensbenchError", "InputError", "AnatomyError", "ModelLoadError",
 ]

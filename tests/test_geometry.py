@@ -1,0 +1,201 @@
+"""Geometry: estimators on manifolds of known dimension, agreement with scikit-dimension, identities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lensbench as lb
+from lensbench import estimators as E
+from lensbench.probes.geometry import block_shuffle, linear_fit
+
+
+def _plane(N=2000, d=5, D=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, d, generator=g, dtype=torch.float64) @ torch.randn(d, D, generator=g, dtype=torch.float64)
+
+
+def _sphere(N=2000, d=5, D=50, seed=0):
+    """Uniform points on the curved d-sphere S^d ⊂ R^{d+1}, rotated into R^D."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(N, d + 1, generator=g, dtype=torch.float64)
+    S = S / S.norm(dim=1, keepdim=True)
+    Q = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    return torch.cat([S, torch.zeros(N, D - d - 1, dtype=torch.float64)], 1) @ Q
+
+
+@pytest.mark.parametrize("cloud", [_plane, _sphere], ids=["linear", "curved"])
+@pytest.mark.parametrize("name, fn", [
+    ("twonn", E.twonn), ("twonn_mle", lambda X: E.twonn(X, method="mle")), ("gride", E.gride),
+    ("gride_8", lambda X: E.gride(X, 4, 8)), ("mle", E.mle)])
+def test_known_dimension(cloud, name, fn):
+    assert fn(cloud()) == pytest.approx(5, rel=0.10), name
+
+
+def test_pca_on_linear_manifold():
+    assert E.pca_dim(_plane(), 0.999) == 5
+    assert E.pca_dim(_plane(d=3), 0.999) == 3
+
+
+def test_three_dim_manifold_is_not_five():
+    assert E.gride(_sphere(d=3)) == pytest.approx(3, rel=0.1)
+
+
+@pytest.mark.parametrize("method", ["linear", "mle"])
+def test_twonn_agrees_with_scikit_dimension(method):
+    skdim = pytest.importorskip("skdim")
+    for X in (_plane(), _sphere(), torch.rand(1500, 12, dtype=torch.float64)):
+        ref = skdim.id.TwoNN(method=method).fit(X.numpy()).dimension_
+        assert E.twonn(X, method=method) == pytest.approx(ref, rel=1e-6)
+
+
+def test_gride_smallest_scale_is_twonn_mle():
+    """GRIDE with n1=1, n2=2 has the closed form (N−1)/Σ log μ: TwoNN's MLE without discarding."""
+    X = _sphere(seed=3)
+    mu = E._ratios(X, 1, 2)[0]
+    mu = E._filter_outliers(mu)
+    closed = (mu.numel() - 1) / mu.log().sum()
+    assert E.gride(X, 1, 2) == pytest.approx(float(closed), rel=1e-8)
+
+
+def test_gride_profile_scales():
+    prof = E.gride_profile(_plane(N=1000), max_n2=32)
+    assert list(prof) == [2, 4, 8, 16, 32]
+    assert prof[4] == pytest.approx(E.gride(_plane(N=1000), 2, 4))
+    assert all(v == pytest.approx(5, rel=0.15) for v in prof.values())
+
+
+def test_duplicates_removed_and_reported():
+    X = _plane(N=1000)
+    Xd = torch.cat([X, X[:200]])
+    d, info = E.twonn(Xd, return_info=True)
+    assert info.removed == 200 and d == pytest.approx(E.twonn(X), rel=1e-9)
+
+
+def test_knn_matches_brute_force():
+    X = torch.randn(300, 7, dtype=torch.float64)
+    D, I = E.knn(X, 5, chunk=17)  # noqa: E741
+    full = torch.cdist(X, X)
+    full.fill_diagonal_(float("inf"))
+    v, i = full.topk(5, largest=False)
+    assert torch.equal(I, i) and torch.allclose(D, v, atol=1e-9)
+
+
+def test_overlap_identities():
+    X = _sphere(N=800)
+    assert E.neighbor_overlap(X, X, 10).mean() == 1.0
+    perm = torch.randperm(800, generator=torch.Generator().manual_seed(0))
+    shuffled = E.neighbor_overlap(X, X[perm], 10).mean()
+    assert shuffled == pytest.approx(10 / 800, abs=0.01)
+    # a mild perturbation keeps most neighbours
+    assert E.neighbor_overlap(X, X + 1e-3 * torch.randn_like(X), 10).mean() > 0.9
+
+
+def test_linearity_identities():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3000, 40, generator=g, dtype=torch.float64)
+    Q = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))[0]
+    assert linear_fit(X, X @ Q)[0] == pytest.approx(1, abs=1e-10)
+    assert linear_fit(X, 2 * X)[0] == pytest.approx(1, abs=1e-10)
+    rnd = linear_fit(X, torch.randn(3000, 40, generator=g, dtype=torch.float64))[0]
+    assert rnd == pytest.approx(40 / 3000, abs=0.01)  # independent: only chance fit, ≈ d/N
+    small = torch.randn(30, 40, generator=g, dtype=torch.float64)
+    assert linear_fit(small, torch.randn(30, 40, generator=g, dtype=torch.float64))[0] == pytest.approx(1, abs=1e-8)
+
+
+def test_block_shuffle():
+    ids = torch.arange(100)
+    assert torch.equal(block_shuffle(ids, 0), ids)
+    s2 = block_shuffle(ids, 2, seed=1)
+    assert sorted(s2.tolist()) == list(range(100)) and not torch.equal(s2, ids)
+    assert torch.equal(s2, block_shuffle(ids, 2, seed=1))
+    jumps = (s2[1:] - s2[:-1] != 1).sum()
+    assert jumps <= 15  # 16 blocks stay contiguous inside
+
+
+def test_estimator_bad_input():
+    with pytest.raises(lb.InputError, match="shape"):
+        E.twonn(torch.randn(10))
+    with pytest.raises(lb.InputError, match="NaN"):
+        E.twonn(torch.tensor([[1.0, float("nan")], [0.0, 1.0], [1.0, 1.0]]))
+    with pytest.raises(lb.InputError, match="k=5"):
+        E.knn(torch.randn(4, 2), 5)
+
+
+# --------------------------------------------------------------------------------------------- model level
+LONG = " ".join(t[:700] for t in lb.sample_texts(3))
+
+
+def test_intrinsic_dimension_on_model(tiny):
+    m = tiny("llama")
+    with pytest.warns(UserWarning, match="T ≳ 500"):
+        res = lb.intrinsic_dimension(m, [LONG[:600], LONG[600:1300], LONG[1300:2000]], estimator="twonn")
+    assert res.values.shape == (3, m.n_layers + 1) and np.isfinite(res.values).all()
+    cap = m.capture(LONG[:600], progress=False)
+    assert res.values[0, 2] == pytest.approx(E.twonn(cap.hidden_states(0)[2]), rel=1e-6)
+    pooled = lb.intrinsic_dimension(m, [LONG[:600], LONG[600:1300]], per="pooled")
+    assert pooled.values.shape == (1, m.n_layers + 1) and pooled.prompts == ["pooled"]
+    assert np.isfinite(res.loss).all() and (res.loss > 0).all()
+
+
+def test_model_dtype_and_backend_agree(tiny):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = lb.intrinsic_dimension(tiny("llama"), LONG[:1500], estimator="twonn")
+        b = lb.intrinsic_dimension(tiny("llama", torch.bfloat16), LONG[:1500], estimator="twonn")
+    assert np.allclose(a.values, b.values, rtol=0.15)
+    from test_capture import _nnsight_and_bridge
+    hf, nn, br = _nnsight_and_bridge()
+    ref = lb.neighborhood_overlap(hf, LONG[:800], k=5).values
+    for other in (nn, br):
+        assert np.allclose(lb.neighborhood_overlap(other, LONG[:800], k=5).values, ref, atol=0.02)
+
+
+def test_overlap_cosine_anisotropy_on_model(tiny):
+    m = tiny("gpt2")
+    ov = lb.neighborhood_overlap(m, [LONG[:500], LONG[500:1000]], k=5)
+    assert ov.layers == [0, 1] and ((ov.values >= 0) & (ov.values <= 1)).all()
+    cos = lb.cosine_similarity(m, LONG[:400])
+    cap = m.capture(LONG[:400], progress=False)
+    X = torch.nn.functional.normalize(cap.hidden_states(0)[1].double(), dim=1)
+    C = X @ X.T
+    n = C.shape[0]
+    assert cos.values[0, 1] == pytest.approx(float((C.sum() - C.diagonal().sum()) / (n * n - n)), rel=1e-6)
+    an = lb.anisotropy(m, LONG[:400])
+    assert ((an.values > 0) & (an.values <= 1)).all()
+
+
+def test_linearity_on_model(tiny):
+    m = tiny("llama")
+    texts = [t[:1500] for t in lb.sample_texts(4)]
+    lin = lb.linearity(m, texts, prompt="The capital of France is Paris.")
+    assert len(lin.layers) == m.n_layers and lin.n_points > 4 * lin.d_model
+    assert (lin.score > lin.score_no_residual).all()  # the residual makes adjacent layers near-linear
+    assert lin.per_token.shape == (m.n_layers, len(lin.tokens))
+    with pytest.warns(UserWarning, match="N <= d\\+1"):
+        lb.linearity(m, "hello world")
+
+
+def test_shuffle_and_correlation(tiny, tmp_path):
+    m = tiny("llama")
+    sh = lb.shuffle_baseline(m, LONG[:1200], levels=(0, 2, 5))
+    assert sh.id.shape == (3, m.n_layers + 1) and sh.loss.shape == (3,)
+    geo = lb.intrinsic_dimension(m, [t[:800] for t in lb.sample_texts(5)], estimator="twonn")
+    corr = lb.geometry_loss_correlation(geo)
+    assert corr.pearson_r.shape == (m.n_layers + 1,) and (np.abs(corr.pearson_r) <= 1).all()
+    fake = lb.GeometryResult("id", [0], ["a", "b", "c", "d"], np.exp(np.array([[1.0], [2.0], [3.0], [5.0]])),
+                             np.zeros((4, 1)), np.array([1.0, 2.0, 3.0, 5.0]), [1] * 4, np.zeros((4, 1)))
+    c = lb.geometry_loss_correlation(fake)
+    assert c.pearson_r[0] == pytest.approx(1) and c.spearman_r[0] == pytest.approx(1) and c.pearson_p[0] < 1e-3
+    for r in (sh, geo, corr, lb.linearity(m, [t[:1500] for t in lb.sample_texts(3)])):
+        again = lb.Result.load(r.save(tmp_path / type(r).__name__))
+        assert again == r and len(r.to_dataframe()) > 0 and r.figure() is not None
+
+
+@pytest.mark.parametrize("kw, match", [(dict(estimator="magic"), "estimator"), (dict(scale=1), "scale"),
+                                       (dict(per="token"), "per")])
+def test_bad_arguments(tiny, kw, match):
+    with pytest.raises(lb.InputError, match=match):
+        lb.intrinsic_dimension(tiny("llama"), "hello world there", **kw)
