@@ -62,7 +62,31 @@ def lens_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
              + _fig_html(sweep.figure("ce_next")))]
 
 
-SECTIONS: list[Section] = [model_section, lens_section]
+def geometry_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
+    import warnings
+
+    from .capture import windows
+    from .probes.geometry import geometry_loss_correlation, intrinsic_dimension, linearity, neighborhood_overlap
+    texts = windows(m, ctx["texts"], ctx["max_tokens"] * 2, max_windows_per_text=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idr = intrinsic_dimension(m, texts, progress=False)
+        ov = neighborhood_overlap(m, texts, k=5, progress=False)
+        lin = linearity(m, texts, progress=False)
+    idr.save(ctx["outdir"] / "geometry_id.safetensors")
+    lin.save(ctx["outdir"] / "geometry_linearity.safetensors")
+    out = [("Geometry: intrinsic dimension per layer (GRIDE, per prompt)", _fig_html(idr.figure())),
+           ("Geometry: neighbourhood overlap of adjacent layers", _fig_html(ov.figure())),
+           ("Geometry: layer-to-layer linearity", _fig_html(lin.figure()) + _fig_html(lin.figure("per_token")))]
+    if len(texts) >= 3:
+        corr = geometry_loss_correlation(idr)
+        out.append(("Geometry: log-ID vs loss across prompts", _fig_html(corr.figure())))
+    ctx["results"]["geometry"] = {"id_peak_layer": int(idr.values.mean(0)[1:].argmax() + 1),
+                                  "mean_linearity": float(lin.score.mean())}
+    return out
+
+
+SECTIONS: list[Section] = [model_section, lens_section, geometry_section]
 
 
 def write_report(m: LensModel, out: str | Path = "out/report.html", *, quick: bool = False,

@@ -41,7 +41,8 @@ def test_report_on_tiny_model(saved_tiny, tmp_path):
     assert out.exit_code == 0, out.output
     page = f.read_text()
     for section in ("Anatomy and load-time validation", "Capture statistics", "Logit lens: one prompt",
-                    "Logit lens over the sample texts"):
+                    "Logit lens over the sample texts", "Geometry: intrinsic dimension per layer",
+                    "Geometry: layer-to-layer linearity", "Geometry: log-ID vs loss"):
         assert section in page, section
     assert " failed</h2>" not in page
     assert "<script src=" not in page  # plotly is embedded: works offline
