@@ -10,6 +10,7 @@ from .capture import Capture, CaptureBatch
 from .data import sample_texts
 from .errors import AnatomyError, InputError, LensbenchError, ModelLoadError
 from .model import Anatomy, LensModel, load
+from .probes.attribution import AttributionResult, attribute, faithfulness
 from .probes.geometry import (
     CorrelationResult,
     GeometryResult,

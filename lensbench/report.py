@@ -66,7 +66,12 @@ def geometry_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
     import warnings
 
     from .capture import windows
-    from .probes.geometry import geometry_loss_correlation, intrinsic_dimension, linearity, neighborhood_overlap
+    from .probes.geometry import (
+        geometry_loss_correlation,
+        intrinsic_dimension,
+        linearity,
+        neighborhood_overlap,
+    )
     texts = windows(m, ctx["texts"], ctx["max_tokens"] * 2, max_windows_per_text=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

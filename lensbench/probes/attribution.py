@@ -1,0 +1,494 @@
+"""Token attribution: which input tokens made the model produce a token (or each token of a generation).
+
+F is the target's log-probability by default (``objective="logit"``/``"prob"`` too); with ``contrast=foil`` it
+is logit(y) − logit(foil) (Yin & Neubig 2022). Gradients flow through the output of
+``get_input_embeddings()`` (so every architecture works) and are taken in float32 even for a bfloat16 model
+(the model is upcast in place for the call and cast back, which is exact).
+
+Methods: saliency, grad_x_input, integrated_gradients, occlusion, attention, rollout, reagent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..model import LensModel
+from ..results import Result
+
+METHODS = ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "attention", "rollout", "reagent")
+GRADIENT_METHODS = ("saliency", "grad_x_input", "integrated_gradients")
+LINEAR_METHODS = ("grad_x_input", "integrated_gradients", "occlusion")  # linear in F: contrast flips sign
+
+
+# --------------------------------------------------------------------------------------------- result
+@dataclasses.dataclass(eq=False)
+class AttributionResult(Result):
+    """Attribution scores of targets to source tokens.
+
+    Attributes:
+        scores: ``[n_targets, n_sources]`` float32; NaN where a source is not before its target.
+        source_tokens: all tokens of prompt + generation except the last (length n_sources).
+        target_tokens: the attributed tokens (length n_targets); target_ids ``[n_targets]``.
+        target_positions: index in the full sequence of each target token (sources are 0..pos-1).
+        method, objective, contrast (foil string or ""); text; model_name.
+        f_value: ``[n_targets]`` F(x) at each target; completeness: ``[n_targets]`` Σ attr − (F(x) − F(x'))
+            for integrated gradients (NaN otherwise); settings: method options used.
+    """
+
+    scores: torch.Tensor
+    source_tokens: list
+    target_tokens: list
+    target_ids: torch.Tensor
+    target_positions: list
+    method: str
+    objective: str
+    text: str
+    contrast: str = ""
+    f_value: torch.Tensor | None = None
+    completeness: torch.Tensor | None = None
+    settings: dict = dataclasses.field(default_factory=dict)
+    model_name: str = ""
+    input_ids: torch.Tensor | None = None
+
+    def to_dataframe(self):
+        import pandas as pd
+        rows = []
+        for t, tok in enumerate(self.target_tokens):
+            for s, src in enumerate(self.source_tokens):
+                v = float(self.scores[t, s])
+                if not math.isnan(v):
+                    rows.append({"target": t, "target_token": tok, "source": s, "source_token": src, "score": v})
+        return pd.DataFrame(rows)
+
+    def normalized(self) -> torch.Tensor:
+        """Scores of each target scaled by the max |score| over its sources (NaN kept)."""
+        s = self.scores.clone()
+        den = s.nan_to_num(0).abs().amax(1, keepdim=True).clamp_min(1e-12)
+        return s / den
+
+    def figure(self, target: int | None = None):
+        from ..plots import attribution_figure
+        return attribution_figure(self, target=target)
+
+    def _repr_html_(self) -> str:
+        from ..plots import attribution_html
+        return attribution_html(self, target=len(self.target_tokens) - 1)
+
+
+# --------------------------------------------------------------------------------------------- plumbing
+@contextlib.contextmanager
+def float32_model(m: LensModel, enabled: bool = True):
+    """Temporarily hold the model in float32 (exact round trip for bfloat16/float16 weights)."""
+    dt = next(m.model.parameters()).dtype
+    if not enabled or dt == torch.float32:
+        yield
+        return
+    m.model.to(torch.float32)
+    try:
+        yield
+    finally:
+        m.model.to(dt)
+
+
+@contextlib.contextmanager
+def eager_attention(m: LensModel):
+    """Switch to the eager attention kernel (the only one that returns attention weights) for the call."""
+    cfg = m.model.config
+    old = getattr(cfg, "_attn_implementation", None)
+    if old in (None, "eager"):
+        yield
+        return
+    try:
+        m.model.set_attn_implementation("eager")
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{m.name} cannot return attention weights ({e}); use a gradient method.") from e
+    try:
+        yield
+    finally:
+        m.model.set_attn_implementation(old)
+
+
+def _objective(logits: torch.Tensor, y: torch.Tensor, foil: torch.Tensor | None, objective: str) -> torch.Tensor:
+    """F for a batch: logits ``[B, V]`` at the predicting position, y/foil ``[B]`` → ``[B]`` (float32)."""
+    z = logits.float()
+    if foil is not None:
+        if objective == "prob":
+            p = torch.softmax(z, -1)
+            return p.gather(-1, y[:, None])[:, 0] - p.gather(-1, foil[:, None])[:, 0]
+        return z.gather(-1, y[:, None])[:, 0] - z.gather(-1, foil[:, None])[:, 0]
+    if objective == "logit":
+        return z.gather(-1, y[:, None])[:, 0]
+    if objective == "prob":
+        return torch.softmax(z, -1).gather(-1, y[:, None])[:, 0]
+    return torch.log_softmax(z, -1).gather(-1, y[:, None])[:, 0]
+
+
+def _embed(m: LensModel, ids: torch.Tensor) -> torch.Tensor:
+    return m.embed_module(ids.to(m.input_device))
+
+
+def _forward_embeds(m: LensModel, embeds: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, T, V]`` for embeddings ``[B, T, d]`` (no attention mask: all rows have equal length)."""
+    return m.model(inputs_embeds=embeds, use_cache=False).logits
+
+
+def baseline_embedding(m: LensModel, ids: torch.Tensor, baseline) -> torch.Tensor:
+    """The IG/occlusion reference embeddings ``[T, d]``: "zero", "mean" (vocabulary mean), "pad", "unk",
+    "bos", "eos", a token id, or a tensor ``[d]`` / ``[T, d]``."""
+    W = m.embed_module.weight
+    T = len(ids)
+    if isinstance(baseline, torch.Tensor):
+        b = baseline.to(W.device, W.dtype)
+        return b.expand(T, -1).clone() if b.dim() == 1 else b
+    if baseline == "zero":
+        return torch.zeros(T, W.shape[1], device=W.device, dtype=W.dtype)
+    if baseline == "mean":
+        return W.float().mean(0).to(W.dtype).expand(T, -1).clone()
+    tok = m.tokenizer
+    if isinstance(baseline, str) and baseline in ("pad", "unk", "bos", "eos"):
+        tid = getattr(tok, f"{baseline}_token_id", None)
+        if tid is None:
+            raise InputError(f"baseline={baseline!r}: this tokenizer has no {baseline} token; use 'zero' or 'mean'.")
+        baseline = tid
+    if isinstance(baseline, int) and not isinstance(baseline, bool):
+        return _embed(m, torch.full((T,), m.token_id(baseline, param="baseline"), dtype=torch.long))
+    raise InputError(f"baseline={baseline!r} is not understood; use 'zero', 'mean', 'pad', 'unk', 'bos', 'eos', "
+                     "a token id or a tensor.")
+
+
+# --------------------------------------------------------------------------------------------- methods
+def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline, internal_batch_size):
+    """Saliency, grad×input and integrated gradients for every target. Returns (scores, f, completeness)."""
+    T_all = len(ids)
+    e = _embed(m, ids).detach().float()
+    n = len(targets)
+    scores = torch.full((n, T_all - 1), float("nan"))
+    fvals = torch.empty(n)
+    comp = torch.full((n,), float("nan"))
+    wdt = m.embed_module.weight.dtype
+    if method == "integrated_gradients":
+        x, w = np.polynomial.legendre.leggauss(n_steps)
+        alphas = torch.tensor(0.5 * (x + 1), dtype=torch.float32, device=e.device)
+        weights = torch.tensor(0.5 * w, dtype=torch.float32, device=e.device)
+        base = baseline_embedding(m, ids, baseline).float()
+    for k, (pos, y) in enumerate(targets):
+        P = pos  # sources 0..P-1; F read at position P-1
+        yk = torch.tensor([y], device=e.device)
+        foil_t = None if foil is None else torch.tensor([foil], device=e.device)
+        if method in ("saliency", "grad_x_input"):
+            ek = e[:P].clone().requires_grad_(True)
+            logits = _forward_embeds(m, ek[None].to(wdt))[:, -1]
+            F = _objective(logits, yk, foil_t, objective)
+            (g,) = torch.autograd.grad(F.sum(), ek)
+            fvals[k] = float(F.detach())
+            scores[k, :P] = (g.norm(dim=-1) if method == "saliency" else (g * ek).sum(-1)).detach().cpu()
+            continue
+        # integrated gradients: path e' + α (e − e'), nodes batched
+        ek, bk = e[:P], base[:P]
+        total = torch.zeros_like(ek)
+        for s in range(0, n_steps, internal_batch_size):
+            a = alphas[s: s + internal_batch_size]
+            path = (bk[None] + a[:, None, None] * (ek - bk)[None]).requires_grad_(True)
+            logits = _forward_embeds(m, path.to(wdt))[:, -1]
+            F = _objective(logits, yk.expand(len(a)), None if foil_t is None else foil_t.expand(len(a)), objective)
+            (g,) = torch.autograd.grad(F.sum(), path)
+            total += (weights[s: s + len(a), None, None] * g).sum(0)
+        attr = ((ek - bk) * total).sum(-1).detach()
+        with torch.no_grad():
+            ends = torch.stack([ek, bk]).to(wdt)
+            Fe = _objective(_forward_embeds(m, ends)[:, -1], yk.expand(2), None if foil_t is None else
+                            foil_t.expand(2), objective)
+        fvals[k] = float(Fe[0])
+        comp[k] = float(attr.sum() - (Fe[0] - Fe[1]))
+        scores[k, :P] = attr.cpu()
+    return scores, fvals, comp
+
+
+def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size):
+    T_all = len(ids)
+    e = _embed(m, ids).detach()
+    last = max(p for p, _ in targets)
+    pos_t = torch.tensor([p - 1 for p, _ in targets], device=e.device)
+    ys = torch.tensor([y for _, y in targets], device=e.device)
+    fo = None if foil is None else torch.full_like(ys, foil)
+    with torch.no_grad():
+        full = _forward_embeds(m, e[None, :last])[0]
+        f0 = _objective(full[pos_t], ys, fo, objective)
+        base = None if baseline == "remove" else baseline_embedding(m, ids, baseline)[:last]
+        scores = torch.full((len(targets), T_all - 1), float("nan"))
+        for s in range(0, last, batch_size):
+            idx = list(range(s, min(last, s + batch_size)))
+            if baseline == "remove":
+                outs = []
+                for i in idx:  # deleting shifts positions: one shorter row each, target positions move by one
+                    keep = torch.cat([e[:i], e[i + 1: last]])
+                    lg = _forward_embeds(m, keep[None])[0]
+                    pt = torch.where(pos_t > i, pos_t - 1, pos_t).clamp_min(0)
+                    outs.append(_objective(lg[pt], ys, fo, objective))
+                fv = torch.stack(outs)
+            else:
+                batch = e[None, :last].repeat(len(idx), 1, 1)
+                for r, i in enumerate(idx):
+                    batch[r, i] = base[i]
+                lg = _forward_embeds(m, batch)                     # [b, last, V]
+                fv = torch.stack([_objective(lg[r, pos_t], ys, fo, objective) for r in range(len(idx))])
+            for r, i in enumerate(idx):
+                delta = (f0 - fv[r]).float().cpu()
+                for k, (p, _) in enumerate(targets):
+                    if i < p:
+                        scores[k, i] = delta[k]
+    return scores, f0.float().cpu()
+
+
+def _attention_maps(m, ids, last):
+    with torch.no_grad(), eager_attention(m):
+        out = m.model(input_ids=ids[None, :last].to(m.input_device), output_attentions=True, use_cache=False)
+    att = [a[0].float().mean(0) for a in out.attentions]      # L × [T, T] head means
+    if not att:
+        raise InputError(f"{m.name} returned no attention weights.")
+    return att, out.logits[0]
+
+
+def _attention_methods(m, ids, targets, method, *, foil, objective):
+    last = max(p for p, _ in targets)
+    att, logits = _attention_maps(m, ids, last)
+    if method == "attention":
+        A = att[-1]
+    else:
+        eye = torch.eye(last, device=att[0].device)
+        A = eye
+        for a in att:  # later layers multiply on the left
+            A = (0.5 * a + 0.5 * eye) @ A
+    scores = torch.full((len(targets), len(ids) - 1), float("nan"))
+    for k, (p, _) in enumerate(targets):
+        scores[k, :p] = A[p - 1, :p].cpu()
+    ys = torch.tensor([y for _, y in targets], device=logits.device)
+    pos = torch.tensor([p - 1 for p, _ in targets], device=logits.device)
+    f = _objective(logits[pos], ys, None if foil is None else torch.full_like(ys, foil), objective)
+    return scores, f.float().cpu()
+
+
+def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed,
+             mlm, progress):
+    """ReAGent (Zhao & Shan 2024): recursive random replacement with parallel probes."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    V = m.vocab_size
+    scores = torch.full((len(targets), len(ids) - 1), float("nan"))
+    fvals = torch.empty(len(targets))
+    steps_used = []
+    dev = m.input_device
+    for k, (P, y) in enumerate(targets):
+        x = ids[:P].to(dev)
+        with torch.no_grad():
+            logits0 = m.model(input_ids=x[None], use_cache=False).logits[0].float()
+        p_y = torch.softmax(logits0[-1], -1)[y]
+        fvals[k] = float(_objective(logits0[-1:], torch.tensor([y], device=logits0.device),
+                                    None if foil is None else torch.tensor([foil], device=logits0.device), objective))
+        if replacement == "predictive":
+            pred = torch.softmax(logits0, -1).cpu()  # token i sampled from the model's prediction at i-1
+
+        def sample(mask: torch.Tensor) -> torch.Tensor:
+            """Replacement tokens ``[B, P]`` where ``mask`` is True."""
+            B = mask.shape[0]
+            if replacement == "uniform":
+                r = torch.randint(0, V, (B, P), generator=g)
+            elif replacement == "predictive":
+                r = torch.empty(B, P, dtype=torch.long)
+                r[:, 0] = torch.randint(0, V, (B,), generator=g)
+                r[:, 1:] = torch.multinomial(pred[:-1], B, replacement=True, generator=g).T
+            else:
+                r = mlm(x.cpu().expand(B, -1), mask)
+            return torch.where(mask, r, x.cpu()[None])
+
+        logit_scores = torch.rand(n_probes, P, generator=g)
+        active = torch.ones(n_probes, dtype=torch.bool)
+        converged = torch.zeros(n_probes, dtype=torch.bool)
+        step = 0
+        for step in range(1, max_steps + 1):
+            a = active.nonzero()[:, 0]
+            if len(a) == 0:
+                break
+            mask = torch.rand(len(a), P, generator=g) < ratio
+            xt = sample(mask)
+            with torch.no_grad():
+                py = torch.softmax(m.model(input_ids=xt.to(dev), use_cache=False).logits[:, -1].float(), -1)[:, y]
+            delta = (p_y - py).cpu().clamp(-0.999999, 0.999999)
+            upd = 2 * torch.atanh(delta)[:, None]
+            logit_scores[a] += torch.where(mask, upd, -upd)
+            # stopping: keep each probe's top-n positions, replace the rest; converged if y is in the top-k
+            s = torch.softmax(logit_scores[a], -1)
+            n_keep = min(keep_top_n, P)
+            keep = torch.zeros(len(a), P, dtype=torch.bool)
+            keep.scatter_(1, s.topk(n_keep, -1).indices, True)
+            xr = sample(~keep)
+            with torch.no_grad():
+                top = m.model(input_ids=xr.to(dev), use_cache=False).logits[:, -1].topk(top_k, -1).indices.cpu()
+            done = (top == y).any(-1)
+            converged[a[done]] = True
+            active[a[done]] = False
+        steps_used.append(step)
+        use = converged if converged.any() else torch.ones(n_probes, dtype=torch.bool)
+        scores[k, :P] = torch.softmax(logit_scores[use], -1).mean(0)
+    return scores, fvals, {"steps": steps_used}
+
+
+# --------------------------------------------------------------------------------------------- public API
+def _resolve_targets(m: LensModel, text: str, target, generate: int, add_bos):
+    ids = m.encode(text, add_bos=add_bos)
+    if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
+        raise InputError(f"generate must be an int >= 0, got {generate!r}.")
+    if generate > 0:
+        if target is not None:
+            raise InputError("pass either target= or generate=N, not both.")
+        with torch.no_grad():
+            out = m.model.generate(ids[None].to(m.input_device), max_new_tokens=generate, do_sample=False,
+                                   pad_token_id=m.tokenizer.pad_token_id, attention_mask=torch.ones_like(ids)[None]
+                                   .to(m.input_device))
+        full = out[0].cpu()
+        gen = full[len(ids):]
+        if len(gen) == 0:
+            raise InputError("the model generated nothing (it ended immediately); attribute the next token instead.")
+        targets = [(len(ids) + j, int(gen[j])) for j in range(len(gen))]
+        return full, targets
+    if target is None:
+        with torch.no_grad():
+            y = int(m.model(input_ids=ids[None].to(m.input_device), use_cache=False).logits[0, -1].argmax())
+    else:
+        y = m.token_id(target, param="target")
+    return torch.cat([ids, torch.tensor([y])]), [(len(ids), y)]
+
+
+def attribute(m: LensModel, text: str, *, target: str | int | None = None, method: str = "integrated_gradients",
+              contrast: str | int | None = None, generate: int = 0, objective: str = "logprob",
+              n_steps: int = 50, baseline="zero", internal_batch_size: int = 16, batch_size: int = 16,
+              replacement: str = "uniform", ratio: float = 0.3, top_k: int = 3, keep_top_n: int = 5,
+              max_steps: int = 3000, n_probes: int = 16, seed: int = 0, mlm=None, upcast: bool = True,
+              add_bos: bool | None = None, progress: bool = True) -> AttributionResult:
+    """Attribute a target token (or each token of a greedy generation) to the tokens before it.
+
+    Args:
+        text: the prompt.
+        target: token to explain (string like ``" Paris"`` or id); default: the model's greedy next token.
+        method: one of ``saliency``, ``grad_x_input``, ``integrated_gradients``, ``occlusion``, ``attention``
+            (last layer, head mean), ``rollout`` (attention rollout), ``reagent``.
+        contrast: a foil token: F = logit(y) − logit(foil) (``objective="prob"``: p(y) − p(foil)).
+        generate: N > 0 generates N tokens greedily and attributes each to every token before it.
+        objective: ``"logprob"`` (default), ``"logit"`` or ``"prob"`` of the target.
+        n_steps: integrated-gradients steps (Gauss–Legendre nodes on [0, 1], as Captum's default).
+        baseline: IG/occlusion reference: ``"zero"`` embeddings (default, as Captum), ``"mean"``, ``"pad"``,
+            ``"unk"``, ``"bos"``, ``"eos"``, a token id or a tensor; occlusion also ``"remove"``. With a zero
+            baseline, pre-norm models make the IG path near-discontinuous at α=0; check ``completeness`` and
+            prefer ``"mean"`` or ``"pad"`` if the gap is large.
+        internal_batch_size: IG steps per forward/backward batch; batch_size: occlusion variants per forward.
+        replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed, mlm: ReAGent settings —
+            replacement ``"uniform"`` (vocabulary samples), ``"predictive"`` (the model's own next-token
+            distribution) or ``"mlm"`` with ``mlm(ids [B,T], mask [B,T]) -> ids [B,T]``.
+        upcast: run gradient methods with the model temporarily in float32.
+    """
+    if method not in METHODS:
+        raise InputError(f"method={method!r} is unknown; choose one of {METHODS}.")
+    if objective not in ("logprob", "logit", "prob"):
+        raise InputError("objective must be 'logprob', 'logit' or 'prob'.")
+    if method == "integrated_gradients" and (isinstance(n_steps, bool) or not isinstance(n_steps, int)
+                                             or n_steps < 1):
+        raise InputError("n_steps must be a positive int.")
+    if replacement not in ("uniform", "predictive", "mlm") or (replacement == "mlm" and mlm is None):
+        raise InputError("replacement must be 'uniform', 'predictive' or 'mlm' (with mlm=callable).")
+    full, targets = _resolve_targets(m, text, target, generate, add_bos)
+    foil = None if contrast is None else m.token_id(contrast, param="contrast")
+    if foil is not None and any(y == foil for _, y in targets):
+        raise InputError("contrast is the same token as the target; pick a different foil.")
+    comp = None
+    extra: dict = {}
+    bar = tqdm(total=1, desc=f"attribute ({method})", disable=not progress, leave=False)
+    if method in GRADIENT_METHODS:
+        with float32_model(m, upcast), torch.enable_grad():
+            scores, f, comp = _grad_methods(m, full, targets, method, foil=foil, objective=objective,
+                                            n_steps=n_steps, baseline=baseline,
+                                            internal_batch_size=internal_batch_size)
+    elif method == "occlusion":
+        scores, f = _occlusion(m, full, targets, foil=foil, objective=objective, baseline=baseline,
+                               batch_size=batch_size)
+    elif method in ("attention", "rollout"):
+        scores, f = _attention_methods(m, full, targets, method, foil=foil, objective=objective)
+    else:
+        scores, f, extra = _reagent(m, full, targets, foil=foil, objective=objective, replacement=replacement,
+                                    ratio=ratio, top_k=top_k, keep_top_n=keep_top_n, max_steps=max_steps,
+                                    n_probes=n_probes, seed=seed, mlm=mlm, progress=progress)
+    bar.update(1)
+    bar.close()
+    toks = m.to_str_tokens(full)
+    settings = {"n_steps": n_steps, "baseline": baseline if isinstance(baseline, (str, int)) else "tensor",
+                "generate": generate}
+    if method == "reagent":
+        settings.update(replacement=replacement, ratio=ratio, top_k=top_k, keep_top_n=keep_top_n,
+                        max_steps=max_steps, n_probes=n_probes, seed=seed, steps=extra.get("steps"))
+    return AttributionResult(
+        scores=scores.float(), source_tokens=toks[:-1], target_tokens=[toks[p] for p, _ in targets],
+        target_ids=torch.tensor([y for _, y in targets]), target_positions=[p for p, _ in targets], method=method,
+        objective=objective, text=text, contrast="" if foil is None else m.tokenizer.decode([foil]),
+        f_value=f.float(), completeness=None if comp is None else comp.float(), settings=settings,
+        model_name=m.name, input_ids=full)
+
+
+def _hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1))
+
+
+def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20, seed: int = 0,
+                 max_k: int | None = None) -> dict:
+    """Soft sufficiency / comprehensiveness (Zhao & Aletras 2023) and hard top-k deletion curves.
+
+    Embeddings are multiplied by Bernoulli keep-masks with keep probability s_i (sufficiency) or 1 − s_i
+    (comprehensiveness), s = scores min-max normalised per target. D = Hellinger distance between the full
+    next-token distributions, normalised by D(full, all-masked):
+    sufficiency = 1 − D(p, p_keep)/D(p, p_null) (higher = better), comprehensiveness = D(p, p_drop)/D(p, p_null).
+    Each is also given as a ratio to seeded uniform random scores. Deletion: F after zeroing the top-k tokens.
+
+    Returns a dict with per-target arrays and their means.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids = result.input_ids
+    e = _embed(m, ids).detach()
+    out = {k: [] for k in ("sufficiency", "comprehensiveness", "sufficiency_random", "comprehensiveness_random")}
+    curves = []
+    with torch.no_grad():
+        for k, P in enumerate(result.target_positions):
+            ek = e[:P]
+            s = result.scores[k, :P].nan_to_num(0)
+            s = (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
+            p_full = torch.softmax(_forward_embeds(m, ek[None])[0, -1].float(), -1)
+            p_null = torch.softmax(_forward_embeds(m, torch.zeros_like(ek)[None])[0, -1].float(), -1)
+            d_null = _hellinger(p_full, p_null).clamp_min(1e-9)
+
+            def masked(prob_keep: torch.Tensor) -> torch.Tensor:
+                mask = (torch.rand(n_samples, P, generator=g) < prob_keep[None]).to(ek.dtype).to(ek.device)
+                lg = _forward_embeds(m, ek[None] * mask[..., None])[:, -1].float()
+                return _hellinger(p_full[None], torch.softmax(lg, -1)).mean()
+            rnd = torch.rand(P, generator=g)
+            out["sufficiency"].append(float(1 - masked(s) / d_null))
+            out["comprehensiveness"].append(float(masked(1 - s) / d_null))
+            out["sufficiency_random"].append(float(1 - masked(rnd) / d_null))
+            out["comprehensiveness_random"].append(float(masked(1 - rnd) / d_null))
+            order = s.argsort(descending=True)
+            K = min(P, max_k or P)
+            batch = ek[None].repeat(K + 1, 1, 1)
+            for j in range(1, K + 1):
+                batch[j, order[:j]] = 0
+            y = torch.full((K + 1,), int(result.target_ids[k]), device=ek.device)
+            f = _objective(_forward_embeds(m, batch)[:, -1], y, None, "logprob")
+            curves.append(f.float().cpu().numpy())
+    res = {k: np.array(v) for k, v in out.items()}
+    for k in list(res):
+        res[k + "_mean"] = float(res[k].mean())
+    res["sufficiency_ratio"] = res["sufficiency_mean"] / max(res["sufficiency_random_mean"], 1e-9)
+    res["comprehensiveness_ratio"] = res["comprehensiveness_mean"] / max(res["comprehensiveness_random_mean"], 1e-9)
+    res["deletion_curves"] = curves
+    return res
