@@ -275,6 +275,24 @@ def _attention_methods(m, ids, targets, method, *, foil, objective):
     return scores, f.float().cpu()
 
 
+def _replace(x: torch.Tensor, mask: torch.Tensor, replacement: str, V: int, g: torch.Generator,
+             pred: torch.Tensor | None, mlm) -> torch.Tensor:
+    """Copies of ``x`` ``[B, P]`` with the ``mask`` positions replaced: uniform vocabulary samples, samples from
+    the model's own prediction for that position (``pred[i-1]``), or a user masked LM."""
+    B, P = mask.shape
+    x = x.cpu()
+    if replacement == "uniform":
+        r = torch.randint(0, V, (B, P), generator=g)
+    elif replacement == "predictive":
+        r = torch.empty(B, P, dtype=torch.long)
+        r[:, 0] = torch.randint(0, V, (B,), generator=g)
+        if P > 1:
+            r[:, 1:] = torch.multinomial(pred[:-1], B, replacement=True, generator=g).T
+    else:
+        r = mlm(x.expand(B, -1), mask)
+    return torch.where(mask, r, x[None])
+
+
 def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed,
              mlm, progress):
     """ReAGent (Zhao & Shan 2024): recursive random replacement with parallel probes."""
@@ -291,32 +309,18 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
         p_y = torch.softmax(logits0[-1], -1)[y]
         fvals[k] = float(_objective(logits0[-1:], torch.tensor([y], device=logits0.device),
                                     None if foil is None else torch.tensor([foil], device=logits0.device), objective))
-        if replacement == "predictive":
-            pred = torch.softmax(logits0, -1).cpu()  # token i sampled from the model's prediction at i-1
-
-        def sample(mask: torch.Tensor) -> torch.Tensor:
-            """Replacement tokens ``[B, P]`` where ``mask`` is True."""
-            B = mask.shape[0]
-            if replacement == "uniform":
-                r = torch.randint(0, V, (B, P), generator=g)
-            elif replacement == "predictive":
-                r = torch.empty(B, P, dtype=torch.long)
-                r[:, 0] = torch.randint(0, V, (B,), generator=g)
-                r[:, 1:] = torch.multinomial(pred[:-1], B, replacement=True, generator=g).T
-            else:
-                r = mlm(x.cpu().expand(B, -1), mask)
-            return torch.where(mask, r, x.cpu()[None])
+        pred = torch.softmax(logits0, -1).cpu() if replacement == "predictive" else None
 
         logit_scores = torch.rand(n_probes, P, generator=g)
         active = torch.ones(n_probes, dtype=torch.bool)
         converged = torch.zeros(n_probes, dtype=torch.bool)
         step = 0
-        for step in range(1, max_steps + 1):
+        for step in range(1, max_steps + 1):  # noqa: B007 - the count is reported
             a = active.nonzero()[:, 0]
             if len(a) == 0:
                 break
             mask = torch.rand(len(a), P, generator=g) < ratio
-            xt = sample(mask)
+            xt = _replace(x, mask, replacement, V, g, pred if replacement == "predictive" else None, mlm)
             with torch.no_grad():
                 py = torch.softmax(m.model(input_ids=xt.to(dev), use_cache=False).logits[:, -1].float(), -1)[:, y]
             delta = (p_y - py).cpu().clamp(-0.999999, 0.999999)
@@ -327,7 +331,7 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
             n_keep = min(keep_top_n, P)
             keep = torch.zeros(len(a), P, dtype=torch.bool)
             keep.scatter_(1, s.topk(n_keep, -1).indices, True)
-            xr = sample(~keep)
+            xr = _replace(x, ~keep, replacement, V, g, pred if replacement == "predictive" else None, mlm)
             with torch.no_grad():
                 top = m.model(input_ids=xr.to(dev), use_cache=False).logits[:, -1].topk(top_k, -1).indices.cpu()
             done = (top == y).any(-1)
@@ -442,6 +446,13 @@ def _hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1))
 
 
+def _masked_distance(m, ek, p_full, prob_keep, n_samples, g) -> torch.Tensor:
+    """Mean Hellinger distance to ``p_full`` with embeddings kept with probability ``prob_keep`` ``[P]``."""
+    mask = (torch.rand(n_samples, ek.shape[0], generator=g) < prob_keep[None]).to(ek.dtype).to(ek.device)
+    lg = _forward_embeds(m, ek[None] * mask[..., None])[:, -1].float()
+    return _hellinger(p_full[None], torch.softmax(lg, -1)).mean()
+
+
 def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20, seed: int = 0,
                  max_k: int | None = None) -> dict:
     """Soft sufficiency / comprehensiveness (Zhao & Aletras 2023) and hard top-k deletion curves.
@@ -468,15 +479,11 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
             p_null = torch.softmax(_forward_embeds(m, torch.zeros_like(ek)[None])[0, -1].float(), -1)
             d_null = _hellinger(p_full, p_null).clamp_min(1e-9)
 
-            def masked(prob_keep: torch.Tensor) -> torch.Tensor:
-                mask = (torch.rand(n_samples, P, generator=g) < prob_keep[None]).to(ek.dtype).to(ek.device)
-                lg = _forward_embeds(m, ek[None] * mask[..., None])[:, -1].float()
-                return _hellinger(p_full[None], torch.softmax(lg, -1)).mean()
             rnd = torch.rand(P, generator=g)
-            out["sufficiency"].append(float(1 - masked(s) / d_null))
-            out["comprehensiveness"].append(float(masked(1 - s) / d_null))
-            out["sufficiency_random"].append(float(1 - masked(rnd) / d_null))
-            out["comprehensiveness_random"].append(float(masked(1 - rnd) / d_null))
+            for key, keep in (("sufficiency", s), ("comprehensiveness", 1 - s), ("sufficiency_random", rnd),
+                              ("comprehensiveness_random", 1 - rnd)):
+                d = _masked_distance(m, ek, p_full, keep, n_samples, g) / d_null
+                out[key].append(float(1 - d if key.startswith("sufficiency") else d))
             order = s.argsort(descending=True)
             K = min(P, max_k or P)
             batch = ek[None].repeat(K + 1, 1, 1)
