@@ -42,7 +42,8 @@ def test_report_on_tiny_model(saved_tiny, tmp_path):
     page = f.read_text()
     for section in ("Anatomy and load-time validation", "Capture statistics", "Logit lens: one prompt",
                     "Logit lens over the sample texts", "Geometry: intrinsic dimension per layer",
-                    "Geometry: layer-to-layer linearity", "Geometry: log-ID vs loss"):
+                    "Geometry: layer-to-layer linearity", "Geometry: log-ID vs loss",
+                    "Attribution: methods side by side", "Attribution of a greedy generation"):
         assert section in page, section
     assert " failed</h2>" not in page
     assert "<script src=" not in page  # plotly is embedded: works offline
