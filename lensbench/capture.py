@@ -69,6 +69,7 @@ class Capture:
 
     Without ``reduce``: :meth:`hidden_states` gives each text's residual stream (CPU, float32, unpadded).
     With ``reduce``: ``results[i]`` holds what ``reduce`` returned for text ``i``.
+    ``losses[i]``: text ``i``'s mean next-token cross-entropy from the model's own logits (NaN for 1 token).
     """
 
     layers: list[int]
@@ -78,6 +79,7 @@ class Capture:
     hidden: list[torch.Tensor] | None = None
     results: list[Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -243,10 +245,15 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
     n = len(texts)
     hidden: list[torch.Tensor | None] = [None] * n
     results: list[Any] = [None] * n
+    losses: list[float] = [float("nan")] * n
 
     def step(idx: list[int]) -> None:
         batch = forward_batch(m, [ids[i] for i in idx], layers, padding_side=padding_side, backend=backend,
                               indices=idx)
+        if batch.logits is not None:
+            with torch.no_grad():
+                for b, i in enumerate(idx):
+                    losses[i] = mean_next_token_loss(batch.logits[b, batch.span(b)], batch.ids_of(b))
         if reduce is not None:
             with torch.no_grad():
                 out = reduce(batch)
@@ -263,7 +270,15 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
     stats["tokens"] = int(sum(len(x) for x in ids))
     return Capture(layers=layers, texts=texts, ids=ids, str_tokens=[m.to_str_tokens(x) for x in ids],
                    hidden=None if reduce is not None else hidden, results=results if reduce is not None else None,
-                   stats=stats)
+                   stats=stats, losses=losses)
+
+
+def mean_next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean cross-entropy (nats) of ``ids[1:]`` under ``logits[:-1]`` ([T, V]); NaN for a single token."""
+    if len(ids) < 2:
+        return float("nan")
+    lp = torch.log_softmax(logits[:-1].float(), -1)
+    return float(-lp.gather(-1, ids[1:, None].to(lp.device)).mean())
 
 
 def chunked(T: int, chunk: int):

@@ -199,3 +199,20 @@ def test_shuffle_and_correlation(tiny, tmp_path):
 def test_bad_arguments(tiny, kw, match):
     with pytest.raises(lb.InputError, match=match):
         lb.intrinsic_dimension(tiny("llama"), "hello world there", **kw)
+
+
+def test_one_capture_many_probes(tiny):
+    """Geometry from an existing capture equals geometry that runs the model itself."""
+    m = tiny("llama")
+    texts = [LONG[:600], LONG[600:1200]]
+    cap = m.capture(texts, progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = lb.intrinsic_dimension(m, texts, estimator="twonn")
+        b = lb.intrinsic_dimension(m, cap, estimator="twonn")
+    assert np.allclose(a.values, b.values, rtol=1e-6) and np.allclose(a.loss, b.loss, rtol=1e-5)
+    ov = lb.neighborhood_overlap(m, cap, k=5)
+    assert np.allclose(ov.values, lb.neighborhood_overlap(m, texts, k=5).values)
+    lin = lb.linearity(m, cap, prompt=texts[0])
+    assert np.allclose(lin.score, lb.linearity(m, texts, prompt=texts[0]).score, atol=1e-8)

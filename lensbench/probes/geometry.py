@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import estimators as E
-from ..capture import CaptureBatch, capture
+from ..capture import Capture, CaptureBatch, capture, mean_next_token_loss
 from ..errors import InputError
 from ..model import LensModel
 from ..results import Result
@@ -54,15 +54,27 @@ def estimate_id(X: torch.Tensor, estimator: str = "gride", scale: int = 4, *, va
     return d, info.removed
 
 
-def _prompt_loss(batch: CaptureBatch, b: int) -> float:
-    """Mean next-token cross-entropy of row b from the model's own logits (float32)."""
-    sp = batch.span(b)
-    logits = batch.logits[b, sp].float()
-    ids = batch.ids_of(b).to(logits.device)
-    if len(ids) < 2:
+def _loss(batch: CaptureBatch, b: int) -> float:
+    if batch.logits is None:
         return float("nan")
-    lp = torch.log_softmax(logits[:-1], -1)
-    return float(-lp.gather(-1, ids[1:, None]).mean())
+    return mean_next_token_loss(batch.logits[b, batch.span(b)], batch.ids_of(b))
+
+
+def _from_capture(m: LensModel, cap: Capture, layers: list[int], reduce) -> Capture:
+    """Run a geometry ``reduce`` over an existing :class:`Capture` (one text per batch, logits not needed)."""
+    missing = set(layers) - set(cap.layers)
+    if cap.hidden is None or missing:
+        raise InputError(f"the capture lacks layers {sorted(missing)} (or was reduced); capture with layers=None.")
+    results = []
+    for i in range(len(cap)):
+        h = cap.hidden_states(i)
+        hidden = {la: h[cap.layers.index(la)][None] for la in layers}
+        ids = cap.input_ids(i)
+        batch = CaptureBatch(model=m, indices=[i], input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
+                             lengths=[len(ids)], hidden=hidden, logits=None)
+        out = reduce(batch)[0]  # (values, loss, ...): the loss comes from the capture
+        results.append((out[0], cap.losses[i] if cap.losses else float("nan"), *out[2:]))
+    return dataclasses.replace(cap, results=results)
 
 
 def _check_estimator(estimator: str, scale: int) -> None:
@@ -222,10 +234,13 @@ def _per_prompt(m: LensModel, texts, layers, fn, *, exclude_bos: bool, batch_siz
                 else:
                     vals.append(fn(X))
             T = _cloud(batch, b, layers[0], exclude_bos).shape[0]
-            out.append((vals, _prompt_loss(batch, b), T))
+            out.append((vals, _loss(batch, b), T))
         return out
 
-    cap = capture(m, texts, layers=needed, reduce=reduce, batch_size=batch_size, progress=progress)
+    if isinstance(texts, Capture):  # one capture, many probes: reuse its hidden states, no model pass
+        cap = _from_capture(m, texts, needed, reduce)
+    else:
+        cap = capture(m, texts, layers=needed, reduce=reduce, batch_size=batch_size, progress=progress)
     vals = np.array([[v[0] for v in r[0]] for r in cap.results], dtype=np.float64)
     spread = np.array([[v[1] for v in r[0]] for r in cap.results], dtype=np.float64)
     dups = np.array([[v[2] for v in r[0]] for r in cap.results], dtype=np.int64)
@@ -283,9 +298,12 @@ def pooled_clouds(m: LensModel, texts, *, layers=None, exclude_bos: bool = True,
     layers = m.check_layers(layers)
 
     def reduce(batch: CaptureBatch) -> list:
-        return [([_cloud(batch, b, la, exclude_bos).float().cpu() for la in layers], _prompt_loss(batch, b))
+        return [([_cloud(batch, b, la, exclude_bos).float().cpu() for la in layers], _loss(batch, b))
                 for b in range(len(batch.indices))]
-    cap = capture(m, texts, layers=layers, reduce=reduce, batch_size=batch_size, progress=progress)
+    if isinstance(texts, Capture):
+        cap = _from_capture(m, texts, layers, reduce)
+    else:
+        cap = capture(m, texts, layers=layers, reduce=reduce, batch_size=batch_size, progress=progress)
     pools = [torch.cat([r[0][j] for r in cap.results]) for j in range(len(layers))]
     if pools[0].shape[0] > max_points:
         keep = torch.randperm(pools[0].shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
