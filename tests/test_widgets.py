@@ -67,3 +67,44 @@ def test_explorer_compare_two_texts(counted):
     ex = LogitLensExplorer(m, "hello world", compare="Le chat est noir")
     assert ex.compare_heatmap.data and ex.compare_heatmap.layout.title.text.startswith("compare")
     assert len(ex.compare_heatmap.data[0].x) == len(ex.compare_results["logit"].tokens)
+
+
+def test_geometry_explorer_views_without_model_passes(tiny):
+    from lensbench.widgets import GeometryExplorer
+    m = tiny("llama")
+    texts = [t[:500] for t in lb.sample_texts(4)]
+    ex = GeometryExplorer(m, texts, shuffle_levels=(0, 2))
+    calls = {"n": 0}
+    h = m.model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        seen = set()
+        for _, v in ex.view.options:
+            ex.view.value = v
+            assert ex.error.value == "", (v, ex.error.value)
+            seen.add(ex.fig.layout.title.text)
+        ex.view.value = "id"
+        ex.estimator.value = "twonn"
+        direct = lb.intrinsic_dimension(m, ex.capture, estimator="twonn")
+        assert list(ex.fig.data[0].y) == pytest.approx(direct.values[0].tolist())
+        ex.view.value = "scatter"
+        ex.layer.value = 1
+        assert "layer 1" in ex.fig.layout.title.text and "Pearson" in ex.fig.layout.title.text
+    finally:
+        h.remove()
+    assert calls["n"] == 0 and len(seen) == len(ex.view.options)
+
+
+def test_attribution_explorer_target_click(tiny):
+    from lensbench.widgets import AttributionExplorer
+    m = tiny("llama")
+    ex = AttributionExplorer(m, "The capital of France is", methods=("saliency", "occlusion"), generate=3)
+    assert len(ex.target_buttons.options) == 3
+    before = ex.main.value
+    ex.target_buttons.value = 0
+    assert ex.main.value != before and ex.results["saliency"].target_tokens[0] in ex.main.value
+    ex.method.value = "occlusion"
+    assert "occlusion" in ex.main.value and "saliency" in ex.multiples.value
+    ex.compute_faithfulness(n_samples=2)
+    assert "soft sufficiency" in ex.faith.value and "occlusion" in ex.faith.value
+    bad = AttributionExplorer(m, "   ", methods=("saliency",))
+    assert "empty" in bad.error.value

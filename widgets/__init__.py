@@ -4,6 +4,8 @@ Import as ``from lensbench.widgets import LogitLensExplorer``; the package lives
 folder and is installed as ``lensbench.widgets``. Importing ``lensbench`` alone never imports this.
 """
 
+from .attribution import AttributionExplorer
+from .geometry import GeometryExplorer
 from .lens import LogitLensExplorer
 
-__all__ = ["LogitLensExplorer"]
+__all__ = ["LogitLensExplorer", "GeometryExplorer", "AttributionExplorer"]

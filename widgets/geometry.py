@@ -1,0 +1,117 @@
+"""``GeometryExplorer``: intrinsic dimension, overlap, cosine, anisotropy, linearity and loss correlation.
+
+The model runs once, at construction (one capture of the texts, one of the shuffled prompt); every view is
+then computed by public probe functions from that capture (``lb.intrinsic_dimension(m, capture, ...)``), so
+switching estimator, scale, measure or layer never re-runs the model.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+
+import ipywidgets as W
+import numpy as np
+import plotly.graph_objects as go
+
+import lensbench as lb
+
+VIEWS = [("ID profile", "id"), ("neighbourhood overlap", "overlap"), ("cosine similarity", "cosine"),
+         ("anisotropy", "anisotropy"), ("linearity per layer", "linearity"),
+         ("per-token nonlinearity", "nonlinearity"), ("shuffled vs original", "shuffle"),
+         ("log-ID vs loss", "scatter")]
+
+
+class GeometryExplorer(W.VBox):
+    """Geometry views over one capture of ``texts``.
+
+    Args:
+        m: a :class:`lensbench.LensModel`.
+        texts: prompts (several, for profiles and the loss correlation).
+        prompt: the prompt for the per-token nonlinearity heatmap and the shuffle baseline (default texts[0]).
+        shuffle_levels: block-shuffle levels S for the shuffled-vs-original view (() to skip).
+
+    Attributes:
+        capture: the :class:`lensbench.Capture` every view is computed from; fig: the plotly FigureWidget.
+    """
+
+    def __init__(self, m, texts, *, prompt: str | None = None, shuffle_levels=(0, 2, 5), k: int = 10):
+        self.m = m
+        self.error = W.HTML("")
+        self.fig = go.FigureWidget()
+        self.view = W.Dropdown(options=VIEWS, value="id", description="view")
+        self.estimator = W.Dropdown(options=list(lb.probes.geometry.ESTIMATORS), value="gride",
+                                    description="estimator")
+        self.scale = W.Dropdown(options=[2, 4, 8, 16, 32], value=4, description="GRIDE n2")
+        self.layer = W.IntSlider(description="layer", min=0, max=m.n_layers, value=m.n_layers // 2,
+                                 continuous_update=False)
+        self.k = k
+        for w, cls in ((self.view, "lb-geo-view"), (self.estimator, "lb-geo-estimator"), (self.layer, "lb-geo-layer")):
+            w.add_class(cls)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.capture = m.capture(texts, progress=False)
+            self.prompt = prompt or self.capture.texts[0]
+            self.linearity = lb.linearity(m, self.capture, prompt=self.prompt, progress=False)
+            self.shuffle = (lb.shuffle_baseline(m, self.prompt, levels=tuple(shuffle_levels), progress=False)
+                            if shuffle_levels else None)
+        self._cache: dict = {}
+        for w in (self.view, self.estimator, self.scale, self.layer):
+            w.observe(lambda _c: self.redraw(), names="value")
+        super().__init__([W.HBox([self.view, self.estimator, self.scale]), self.layer, self.error, self.fig])
+        self.add_class("lb-geometry-explorer")
+        self.redraw()
+
+    def measure(self, name: str) -> lb.GeometryResult:
+        """A per-prompt measure from the held capture (memoised)."""
+        key = (name, self.estimator.value, self.scale.value)
+        if key not in self._cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if name == "id":
+                    r = lb.intrinsic_dimension(self.m, self.capture, estimator=self.estimator.value,
+                                               scale=self.scale.value)
+                elif name == "overlap":
+                    r = lb.neighborhood_overlap(self.m, self.capture, k=self.k)
+                elif name == "cosine":
+                    r = lb.cosine_similarity(self.m, self.capture)
+                else:
+                    r = lb.anisotropy(self.m, self.capture)
+            self._cache[key] = r
+        return self._cache[key]
+
+    def _figure(self) -> go.Figure:
+        v = self.view.value
+        if v in ("id", "overlap", "cosine", "anisotropy"):
+            return self.measure(v).figure()
+        if v == "linearity":
+            return self.linearity.figure()
+        if v == "nonlinearity":
+            return self.linearity.figure("per_token")
+        if v == "shuffle":
+            if self.shuffle is None:
+                raise lb.InputError("no shuffle baseline: build the explorer with shuffle_levels=(0, 2, 5).")
+            return self.shuffle.figure()
+        res = self.measure("id")
+        j = res.layers.index(self.layer.value)
+        x, y = np.log(res.values[:, j]), res.loss
+        fig = go.Figure(go.Scatter(x=x, y=y, mode="markers", text=[p[:40] for p in res.prompts]))
+        title = f"layer {self.layer.value}: log ID vs loss over {len(y)} prompts"
+        if len(y) >= 3:
+            corr = lb.geometry_loss_correlation(res)
+            title += f" · Pearson r = {corr.pearson_r[j]:.2f} (p = {corr.pearson_p[j]:.2g})"
+        fig.update_layout(title=title, xaxis_title="log ID", yaxis_title="mean next-token loss", height=380)
+        return fig
+
+    def redraw(self) -> None:
+        self.error.value = ""
+        try:
+            new = self._figure()
+        except (lb.LensbenchError, ValueError) as e:
+            self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+            return
+        with self.fig.batch_update():
+            self.fig.data = []
+            for tr in new.data:
+                self.fig.add_trace(tr)
+            self.fig.layout = new.layout
