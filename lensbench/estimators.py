@@ -60,27 +60,37 @@ def _chunk_rows(N: int, budget_bytes: int = 256 * 2**20) -> int:
     return max(1, min(N, budget_bytes // (8 * max(N, 1))))
 
 
-def knn(X, k: int, *, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def knn(X, k: int, *, chunk: int | None = None, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances and indices of each point's ``k`` nearest neighbours (self excluded), ascending.
 
-    Returns ``([N, k] distances, [N, k] long indices)``; chunked over query rows.
+    Candidates come from float32 distances (``|x|² + |y|² − 2x·y``, twice as fast as float64 on CPU BLAS),
+    ``k + margin`` per point; with ``exact=True`` their distances are recomputed exactly in ``X``'s dtype by
+    differences and re-sorted. Chunked over query rows. Returns ``([N, k] distances, [N, k] long indices)``.
     """
     X = as_points(X)
     N = X.shape[0]
     if not 1 <= k < N:
         raise InputError(f"k={k} neighbours need at least k+1 points; got N={N}.")
+    kc = min(N - 1, k + max(4, k // 2)) if exact else k
     chunk = chunk or _chunk_rows(N)
+    Xf = X.float()
+    sq = (Xf * Xf).sum(1)
     D = torch.empty(N, k, dtype=X.dtype, device=X.device)
     I = torch.empty(N, k, dtype=torch.long, device=X.device)  # noqa: E741
-    sq = (X * X).sum(1)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        # squared distances by the expansion, clamped, exact zero on the diagonal, then self masked out
-        d2 = (sq[s:e, None] + sq[None, :] - 2 * X[s:e] @ X.T).clamp_min_(0)
+        d2 = torch.addmm(sq[None, :], Xf[s:e], Xf.T, alpha=-2).add_(sq[s:e, None])
         rows = torch.arange(s, e, device=X.device)
         d2[rows - s, rows] = float("inf")
-        v, i = torch.topk(d2, k, dim=1, largest=False)
-        D[s:e], I[s:e] = v.sqrt(), i
+        v, i = torch.topk(d2, kc, dim=1, largest=False)
+        if exact:
+            v = (X[i] - X[s:e, None, :]).norm(dim=-1)            # exact distances of the candidates
+            v, o = torch.sort(v, dim=1)
+            i = i.gather(1, o)
+            v, i = v[:, :k], i[:, :k]
+        else:
+            v = v.clamp_min(0).sqrt().to(X.dtype)
+        D[s:e], I[s:e] = v, i
     return D, I
 
 
