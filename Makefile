@@ -38,7 +38,10 @@ lint:
 	$(VENV)/bin/ruff check lensbench widgets tests bench scripts
 
 bench: setup
+	test -x .venv-bench/bin/python || { $(PYTHON) -m venv .venv-bench && .venv-bench/bin/pip install -q dadapy "numpy<2"; }
 	$(PY) bench/run.py
+	$(PY) bench/bench_geometry.py
+	$(PY) bench/bench_attribution.py
 
 support-table: setup
 	$(PY) scripts/support_table.py
