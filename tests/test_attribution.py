@@ -169,3 +169,32 @@ def test_faithfulness(toy):
 def test_bad_arguments(tiny, kw, match):
     with pytest.raises(lb.InputError, match=match):
         lb.attribute(tiny("llama"), PROMPT, progress=False, **kw)
+
+
+def test_value_norm_matches_a_hand_written_decomposition(tiny):
+    """‖Σ_h α^h x W_V^h W_O^h‖ recomputed by hand from the attention weights and projection matrices."""
+    m = tiny("llama")
+    res = lb.attribute(m, PROMPT, method="value_norm", progress=False)
+    ids = res.input_ids[:-1]
+    attn = m.blocks[-1].self_attn
+    store = {}
+    h = attn.register_forward_pre_hook(lambda _m, a, kw: store.__setitem__("x", kw["hidden_states"]),
+                                       with_kwargs=True)
+    m.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = m.model(input_ids=ids[None], output_attentions=True, use_cache=False)
+    finally:
+        h.remove()
+        m.model.set_attn_implementation("sdpa")
+    A = out.attentions[-1][0]                      # [H, T, T]
+    x = store["x"][0]
+    H, hd = m.model.config.num_attention_heads, m.model.config.head_dim
+    v = attn.v_proj(x).view(len(ids), -1, hd).repeat_interleave(H // m.model.config.num_key_value_heads, 1)
+    manual = torch.zeros(len(ids))
+    for i in range(len(ids)):
+        vec = sum(A[hh, -1, i] * attn.o_proj.weight[:, hh * hd:(hh + 1) * hd] @ v[i, hh] for hh in range(H))
+        manual[i] = vec.norm()
+    assert torch.allclose(res.scores[0], manual, rtol=1e-4, atol=1e-6)
+    with pytest.raises(lb.InputError, match="fuses"):
+        lb.attribute(tiny("gpt2"), PROMPT, method="value_norm", progress=False)

@@ -5,7 +5,7 @@ is logit(y) − logit(foil) (Yin & Neubig 2022). Gradients flow through the outp
 ``get_input_embeddings()`` (so every architecture works) and are taken in float32 even for a bfloat16 model
 (the model is upcast in place for the call and cast back, which is exact).
 
-Methods: saliency, grad_x_input, integrated_gradients, occlusion, attention, rollout, reagent.
+Methods: saliency, grad_x_input, integrated_gradients, occlusion, attention, rollout, value_norm, reagent.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from ..errors import InputError
 from ..model import LensModel
 from ..results import Result
 
-METHODS = ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "attention", "rollout", "reagent")
+METHODS = ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "attention", "rollout", "value_norm",
+           "reagent")
 GRADIENT_METHODS = ("saliency", "grad_x_input", "integrated_gradients")
 LINEAR_METHODS = ("grad_x_input", "integrated_gradients", "occlusion")  # linear in F: contrast flips sign
 
@@ -247,10 +248,10 @@ def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size):
     return scores, f0.float().cpu()
 
 
-def _attention_maps(m, ids, last):
+def _attention_maps(m, ids, last, per_head: bool = False):
     with torch.no_grad(), eager_attention(m):
         out = m.model(input_ids=ids[None, :last].to(m.input_device), output_attentions=True, use_cache=False)
-    att = [a[0].float().mean(0) for a in out.attentions]      # L × [T, T] head means
+    att = [a[0].float() if per_head else a[0].float().mean(0) for a in out.attentions]  # L × [(H,) T, T]
     if not att:
         raise InputError(f"{m.name} returned no attention weights.")
     return att, out.logits[0]
@@ -291,6 +292,51 @@ def _replace(x: torch.Tensor, mask: torch.Tensor, replacement: str, V: int, g: t
     else:
         r = mlm(x.expand(B, -1), mask)
     return torch.where(mask, r, x[None])
+
+
+# value-norm needs the last attention block's value and output projections; declared per naming family
+_VALUE_NAMES = ("v_proj", "value", "v")
+_OUT_NAMES = ("o_proj", "out_proj", "dense", "o")
+
+
+def _value_norm(m, ids, targets, *, foil, objective):
+    """Kobayashi et al. (2020): ‖Σ_h α^h_{p,i} (x_i W_V^h) W_O^h‖ at the last layer, head-resolved."""
+    block = m.blocks[-1]
+    attn = next((mod for name, mod in block.named_children() if "attn" in name or "attention" in name), None)
+    vp = next((getattr(attn, n) for n in _VALUE_NAMES if isinstance(getattr(attn, n, None), torch.nn.Linear)), None)
+    op = next((getattr(attn, n) for n in _OUT_NAMES if isinstance(getattr(attn, n, None), torch.nn.Linear)), None)
+    if attn is None or vp is None or op is None:
+        raise InputError(f"value_norm needs separate value/output projections in the attention module; "
+                         f"{type(m.model).__name__} fuses them. Use 'attention', 'rollout' or a gradient method.")
+    cfg = m.model.config.get_text_config() if hasattr(m.model.config, "get_text_config") else m.model.config
+    H = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or m.d_model // H
+    store = {}
+
+    def pre(_mod, args, kwargs):
+        store["x"] = kwargs.get("hidden_states", args[0] if args else None)
+    last = max(p for p, _ in targets)
+    h = attn.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        att_all, logits = _attention_maps(m, ids, last, per_head=True)
+    finally:
+        h.remove()
+    alpha = att_all[-1]                                           # [H, T, T]
+    with torch.no_grad():
+        x = store["x"][0].float()                                 # [T, d] input of the attention block
+        v = torch.nn.functional.linear(x, vp.weight.float(), None if vp.bias is None else vp.bias.float())
+        n_kv = v.shape[-1] // hd
+        v = v.view(-1, n_kv, hd).repeat_interleave(H // n_kv, dim=1)   # [T, H, hd]
+        Wo = op.weight.float().view(op.weight.shape[0], H, hd)          # [d, H, hd]
+        f = torch.einsum("thk,dhk->thd", v, Wo)                          # [T, H, d]
+    scores = torch.full((len(targets), len(ids) - 1), float("nan"))
+    for k, (p, _) in enumerate(targets):
+        w = torch.einsum("ht,thd->td", alpha[:, p - 1, :p], f[:p])
+        scores[k, :p] = w.norm(dim=-1).cpu()
+    ys = torch.tensor([y for _, y in targets], device=logits.device)
+    pos = torch.tensor([p - 1 for p, _ in targets], device=logits.device)
+    fv = _objective(logits[pos], ys, None if foil is None else torch.full_like(ys, foil), objective)
+    return scores, fv.float().cpu()
 
 
 def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed,
@@ -381,7 +427,8 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
         text: the prompt.
         target: token to explain (string like ``" Paris"`` or id); default: the model's greedy next token.
         method: one of ``saliency``, ``grad_x_input``, ``integrated_gradients``, ``occlusion``, ``attention``
-            (last layer, head mean), ``rollout`` (attention rollout), ``reagent``.
+            (last layer, head mean), ``rollout`` (attention rollout), ``value_norm`` (Kobayashi et al. 2020,
+            last layer; models with separate value/output projections), ``reagent``.
         contrast: a foil token: F = logit(y) − logit(foil) (``objective="prob"``: p(y) − p(foil)).
         generate: N > 0 generates N tokens greedily and attributes each to every token before it.
         objective: ``"logprob"`` (default), ``"logit"`` or ``"prob"`` of the target.
@@ -422,6 +469,8 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
                                batch_size=batch_size)
     elif method in ("attention", "rollout"):
         scores, f = _attention_methods(m, full, targets, method, foil=foil, objective=objective)
+    elif method == "value_norm":
+        scores, f = _value_norm(m, full, targets, foil=foil, objective=objective)
     else:
         scores, f, extra = _reagent(m, full, targets, foil=foil, objective=objective, replacement=replacement,
                                     ratio=ratio, top_k=top_k, keep_top_n=keep_top_n, max_steps=max_steps,
