@@ -17,7 +17,8 @@ def lens_heatmap_data(res, stat: str = "top1_prob", k_hover: int = 5):
     topk = res.top_tokens(k_hover)
     probs = res.top_probs[..., :k_hover].numpy()
     n, T = z.shape
-    text = [[_clean(topk[i][t][0])[:8] for t in range(T)] for i in range(n)]
+    text = [[(_clean(topk[i][t][0]).replace(" ", "␣") if not topk[i][t][0].strip() else _clean(topk[i][t][0]))[:8]
+             for t in range(T)] for i in range(n)]
     hover = [[
         f"layer {res.layers[i]} · pos {t} {html.escape(repr(res.tokens[t]))}<br>{stat} = {z[i, t]:.4g}<br>"
         + "<br>".join(f"{html.escape(repr(topk[i][t][j]))}: {probs[i, t, j]:.3f}" for j in range(len(topk[i][t])))
@@ -34,7 +35,7 @@ def lens_heatmap(res, stat: str = "top1_prob", *, k_hover: int = 5, title: str |
     x = [f"{t}:{_clean(tok)}" for t, tok in enumerate(res.tokens)]
     fig = go.Figure(go.Heatmap(
         z=z, x=x, y=[str(la) for la in res.layers], text=text, texttemplate="%{text}", textfont={"size": 9},
-        hovertext=hover, hoverinfo="text", colorscale="Viridis", colorbar={"title": stat}))
+        hovertext=hover, hoverinfo="text", colorscale="Viridis", colorbar={"title": {"text": stat, "side": "right"}}))
     fig.update_layout(
         title=title or f"{res.lens} lens · {STAT_LABELS.get(stat, stat)} · target: {res.target}",
         xaxis_title="position: input token", yaxis_title="layer", height=height or max(380, 18 * len(res.layers) + 160),

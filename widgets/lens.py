@@ -56,10 +56,10 @@ class LogitLensExplorer(W.VBox):
         self.position = W.IntSlider(description="position", min=0, max=0, value=0, continuous_update=False)
         self.error = W.HTML("")
         self.status = W.HTML("")
-        self.heatmap = go.FigureWidget()
-        self.topk_fig = go.FigureWidget()
-        self.compare_heatmap = go.FigureWidget()
-        self.compare_heatmap.layout.height = 10
+        self.heatmap = go.FigureWidget(layout={"autosize": True})
+        self.topk_fig = go.FigureWidget(layout={"width": 330, "height": 380})
+        self.compare_heatmap = go.FigureWidget(layout={"autosize": True})
+        self.compare_box_widget = W.Box([self.compare_heatmap], layout=W.Layout(display="none"))
         for w, cls in ((self.layer, "lb-layer-slider"), (self.position, "lb-position-slider"),
                        (self.target, "lb-target-box"), (self.stat, "lb-stat"), (self.run_button, "lb-run")):
             w.add_class(cls)
@@ -70,10 +70,11 @@ class LogitLensExplorer(W.VBox):
         self.layer.observe(lambda _c: self._draw_topk(), names="value")
         self.position.observe(lambda _c: self._draw_topk(), names="value")
         controls = W.VBox([W.HBox([self.text_box, self.run_button]), self.compare_box,
-                           W.HBox([self.stat, self.target, self.lens_switch]), self.error, self.status])
-        side = W.VBox([self.layer, self.position, self.topk_fig], layout=W.Layout(width="34%"))
-        super().__init__([controls, W.HBox([W.Box([self.heatmap], layout=W.Layout(width="66%")), side]),
-                          self.compare_heatmap])
+                           W.HBox([self.stat, self.target, self.lens_switch], layout=W.Layout(flex_flow="row wrap")),
+                           self.error, self.status])
+        side = W.VBox([self.layer, self.position, self.topk_fig], layout=W.Layout(width="340px", min_width="340px"))
+        super().__init__([controls, W.HBox([W.Box([self.heatmap], layout=W.Layout(flex="1 1 auto", min_width="0")),
+                                            side]), self.compare_box_widget])
         self.add_class("lb-lens-explorer")
         self.run()
 
@@ -148,9 +149,10 @@ class LogitLensExplorer(W.VBox):
         self._fill(self.heatmap, self.current)
         if self.compare_results:
             self._fill(self.compare_heatmap, self.compare_results[self.lens_switch.value], "compare · ")
-        elif self.compare_heatmap.data:
+            self.compare_box_widget.layout.display = "flex"
+        else:
             self.compare_heatmap.data = []
-            self.compare_heatmap.layout.height = 10
+            self.compare_box_widget.layout.display = "none"
         self._draw_topk()
         r = self.current
         self.status.value = (f"<small>{r.lens} lens · {len(r.layers)} layers × {len(r.tokens)} tokens · "
@@ -174,4 +176,6 @@ class LogitLensExplorer(W.VBox):
             self.topk_fig.layout.title = title
             self.topk_fig.layout.xaxis.title = "probability"
             self.topk_fig.layout.height = 380
+            self.topk_fig.layout.width = 330
+            self.topk_fig.layout.title.font.size = 12
             self.topk_fig.layout.margin = dict(l=110, r=10, t=50, b=40)

@@ -519,8 +519,16 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 100, lr: float = 1e-4,
         texts = [texts]
     L, d = m.n_layers, m.d_model
     g = torch.Generator().manual_seed(seed)
-    cap = capture(m, windows(m, texts, min(256, m.max_length)), layers=None, batch_size="auto",
-                  progress=progress)
+    # only capture about max_tokens tokens: seeded random windows, spread over the texts
+    wins = windows(m, texts, min(256, m.max_length))
+    order = torch.randperm(len(wins), generator=g).tolist()
+    picked, total = [], 0
+    for i in order:
+        if total >= max_tokens:
+            break
+        picked.append(wins[i])
+        total += len(wins[i])
+    cap = capture(m, picked, layers=None, batch_size="auto", progress=progress)
     H = torch.cat([cap.hidden_states(i) for i in range(len(cap))], dim=1)  # [L+1, N, d] float32 CPU
     if H.shape[1] > max_tokens:
         keep = torch.randperm(H.shape[1], generator=g)[:max_tokens]
