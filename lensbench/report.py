@@ -130,8 +130,8 @@ def write_report(m: LensModel, out: str | Path = "out/report.html", *, quick: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     outdir = out.with_name(out.stem + "_results")
     outdir.mkdir(parents=True, exist_ok=True)
-    texts = texts or sample_texts(3 if quick else None)
-    ctx = {"texts": texts, "prompt": prompt, "max_tokens": 48 if quick else 256, "outdir": outdir,
+    texts = texts or sample_texts(3 if quick else 12)
+    ctx = {"texts": texts, "prompt": prompt, "max_tokens": 48 if quick else 128, "outdir": outdir,
            "results": {}, "progress": progress}
     parts = []
     for section in SECTIONS:
