@@ -173,9 +173,7 @@ class LogitLensExplorer(W.VBox):
                 self.topk_fig.add_trace(go.Bar(x=probs[::-1], y=labels, orientation="h"))
             else:
                 self.topk_fig.data[0].x, self.topk_fig.data[0].y = probs[::-1], labels
-            self.topk_fig.layout.title = title
+            self.topk_fig.layout.title = {"text": title, "font": {"size": 12}}
             self.topk_fig.layout.xaxis.title = "probability"
             self.topk_fig.layout.height = 380
-            self.topk_fig.layout.width = 330
-            self.topk_fig.layout.title.font.size = 12
             self.topk_fig.layout.margin = dict(l=110, r=10, t=50, b=40)
