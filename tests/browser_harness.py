@@ -8,6 +8,10 @@ Helper module only (no tests in here).  Typical use::
         assert not lab.cell_errors(page)
         lab.screenshot(page, "after-run")
 
+Test modules share the skip/fail policy through :func:`skip_module_without_chromium` (module level) and
+:func:`lab_server` (in a fixture): without Chromium the module is skipped locally but fails in CI (``$CI`` set);
+without playwright the test is skipped locally and fails in CI.
+
 Design notes
 ------------
 * The server is ``sys.executable -m jupyter lab`` on a free loopback port with a random token.
@@ -26,6 +30,7 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,15 +50,21 @@ from typing import Any
 
 __all__ = [
     "ACTIVE_NOTEBOOK",
+    "ARTIFACTS",
     "CHROMIUM_ARGS",
     "CHROMIUM_PATH",
+    "IN_CI",
     "JupyterLab",
     "NotebookExecutionHalted",
     "cell_errors",
     "cell_states",
     "kernel_status",
+    "lab_server",
+    "plot_titles",
     "run_all",
+    "skip_module_without_chromium",
     "wait_for_kernel_idle",
+    "wait_for_plot_title",
 ]
 
 CHROMIUM_PATH = os.environ.get("LENSBENCH_CHROMIUM", "/usr/bin/chromium")
@@ -66,6 +77,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+#: Screenshots, server log and browser console log of the browser tests.
+ARTIFACTS = Path(
+    os.environ.get("LENSBENCH_BROWSER_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts" / "browser")
+)
+#: On CI a missing Chromium / playwright fails the browser tests instead of skipping them.
+IN_CI = bool(os.environ.get("CI"))
 #: The notebook panel that is currently shown in the main area.
 ACTIVE_NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 VIEWPORT = {"width": 1400, "height": 1000}
@@ -305,6 +322,71 @@ def cell_errors(page) -> list[str]:
         if not any(key in t for t in errors):
             errors.append(f"{err['ename']}: {err['evalue']}\n{tb}")
     return errors
+
+
+# Titles of the plotly figures inside an element, in DOM order.
+_JS_PLOT_TITLES = """
+(sel) => {
+  const root = document.querySelector(sel);
+  if (!root) return [];
+  return Array.from(root.querySelectorAll('.gtitle')).map(t => t.textContent);
+}
+"""
+
+
+def plot_titles(page, root: str) -> list[str]:
+    """Text of every plotly title (``.gtitle``) inside the first element matching ``root``."""
+    return page.evaluate(_JS_PLOT_TITLES, root)
+
+
+def wait_for_plot_title(page, root: str, pattern: str, timeout_ms: int = 30_000) -> str:
+    """Wait until a plotly title inside ``root`` matches the JS regex ``pattern``; return that title."""
+    page.wait_for_function(
+        "([sel, pat]) => { const r = document.querySelector(sel); if (!r) return false;"
+        " return Array.from(r.querySelectorAll('.gtitle')).some(t => new RegExp(pat).test(t.textContent)); }",
+        arg=[root, pattern],
+        timeout=timeout_ms,
+    )
+    return next(t for t in plot_titles(page, root) if re.search(pattern, t))
+
+
+# --------------------------------------------------------------------------------------------
+# pytest integration (skip/fail policy shared by the browser test modules)
+# --------------------------------------------------------------------------------------------
+
+
+def skip_module_without_chromium() -> None:
+    """Call at module level: skip the whole module when Chromium is missing, except on CI."""
+    import pytest  # noqa: PLC0415 - only needed by test modules
+
+    if not Path(CHROMIUM_PATH).exists() and not IN_CI:
+        pytest.skip(f"Chromium not found at {CHROMIUM_PATH} (apt-get install chromium)", allow_module_level=True)
+
+
+@contextlib.contextmanager
+def lab_server(root_dir: str | os.PathLike[str], *notebooks: str | os.PathLike[str], artifacts_dir=ARTIFACTS):
+    """A :class:`JupyterLab` on ``root_dir`` with ``notebooks`` copied into it, for use in a fixture.
+
+    Fails (never skips) on CI when Chromium or playwright is missing; skips locally without playwright.
+    """
+    import pytest  # noqa: PLC0415 - only needed by test modules
+
+    if not Path(CHROMIUM_PATH).exists():  # only reachable in CI: fail loudly, never skip
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM_PATH}: browser tests need it in CI - "
+            "`apt-get install chromium` (or set LENSBENCH_CHROMIUM)",
+            pytrace=False,
+        )
+    try:
+        import playwright.sync_api  # noqa: F401, PLC0415
+    except ImportError:
+        if IN_CI:
+            pytest.fail("playwright is not installed: pip install 'lensbench[dev]'", pytrace=False)
+        pytest.skip("playwright is not installed")
+    for nb in notebooks:
+        shutil.copy(nb, Path(root_dir) / Path(nb).name)
+    with JupyterLab(root_dir=root_dir, artifacts_dir=artifacts_dir) as server:
+        yield server
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,72 +4,38 @@ and the layer slider and the target box redraw the plots.  Screenshots / logs go
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 try:  # plain `tests/` dir on sys.path (rootdir-relative import) or `tests` as a package
-    from browser_harness import ACTIVE_NOTEBOOK, CHROMIUM_PATH, JupyterLab
+    from browser_harness import ACTIVE_NOTEBOOK, lab_server, skip_module_without_chromium, wait_for_plot_title
 except ImportError:  # pragma: no cover
-    from tests.browser_harness import ACTIVE_NOTEBOOK, CHROMIUM_PATH, JupyterLab
+    from tests.browser_harness import (
+        ACTIVE_NOTEBOOK,
+        lab_server,
+        skip_module_without_chromium,
+        wait_for_plot_title,
+    )
 
 REPO = Path(__file__).resolve().parents[1]
 TOUR = REPO / "notebooks" / "00_tour.ipynb"
-ARTIFACTS = Path(os.environ.get("LENSBENCH_BROWSER_ARTIFACTS", REPO / "test-artifacts" / "browser"))
-IN_CI = bool(os.environ.get("CI"))
 
-if not Path(CHROMIUM_PATH).exists() and not IN_CI:
-    pytest.skip(f"Chromium not found at {CHROMIUM_PATH} (apt-get install chromium)", allow_module_level=True)
-
+skip_module_without_chromium()
 pytestmark = pytest.mark.browser
 
 EXPLORER = f"{ACTIVE_NOTEBOOK} .lb-lens-explorer"
 
-# Titles of the plotly figures inside the explorer, in DOM order.
-_JS_TITLES = """
-(sel) => {
-  const root = document.querySelector(sel);
-  if (!root) return [];
-  return Array.from(root.querySelectorAll('.gtitle')).map(t => t.textContent);
-}
-"""
-
 
 @pytest.fixture
 def lab(tmp_path):
-    if not Path(CHROMIUM_PATH).exists():  # only reachable in CI: fail loudly, never skip
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM_PATH}: browser tests need it in CI - "
-            "`apt-get install chromium` (or set LENSBENCH_CHROMIUM)",
-            pytrace=False,
-        )
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        if IN_CI:
-            pytest.fail("playwright is not installed: pip install 'lensbench[dev]'", pytrace=False)
-        pytest.skip("playwright is not installed")
-    shutil.copy(TOUR, tmp_path / TOUR.name)
-    with JupyterLab(root_dir=tmp_path, artifacts_dir=ARTIFACTS) as server:
+    with lab_server(tmp_path, TOUR) as server:
         yield server
-
-
-def _titles(page) -> list[str]:
-    return page.evaluate(_JS_TITLES, EXPLORER)
 
 
 def _wait_title(page, pattern: str, timeout_ms: int = 30_000) -> str:
     """Wait until some plotly title in the explorer matches the JS regex ``pattern``; return it."""
-    page.wait_for_function(
-        "([sel, pat]) => { const r = document.querySelector(sel); if (!r) return false;"
-        " return Array.from(r.querySelectorAll('.gtitle')).some(t => new RegExp(pat).test(t.textContent)); }",
-        arg=[EXPLORER, pattern],
-        timeout=timeout_ms,
-    )
-    return next(t for t in _titles(page) if re.search(pattern, t))
+    return wait_for_plot_title(page, EXPLORER, pattern, timeout_ms)
 
 
 def test_tour_explorer_in_lab(lab):

