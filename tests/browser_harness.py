@@ -339,7 +339,7 @@ def plot_titles(page, root: str) -> list[str]:
     return page.evaluate(_JS_PLOT_TITLES, root)
 
 
-def wait_for_plot_title(page, root: str, pattern: str, timeout_ms: int = 30_000) -> str:
+def wait_for_plot_title(page, root: str, pattern: str, timeout_ms: int = 120_000) -> str:
     """Wait until a plotly title inside ``root`` matches the JS regex ``pattern``; return that title."""
     page.wait_for_function(
         "([sel, pat]) => { const r = document.querySelector(sel); if (!r) return false;"

@@ -63,9 +63,9 @@ def test_geometry_explorer_view_switch(ran):
     assert not errors, "notebook cells raised:\n\n" + "\n\n".join(errors)
 
     root = page.locator(GEOMETRY).first
-    root.wait_for(state="attached", timeout=30_000)
-    root.locator(".main-svg").first.wait_for(state="attached", timeout=60_000)  # the plot's SVG
-    root.locator(".scatterlayer .trace").first.wait_for(state="attached", timeout=30_000)
+    root.wait_for(state="attached", timeout=120_000)
+    root.locator(".main-svg").first.wait_for(state="attached", timeout=180_000)  # the plot's SVG
+    root.locator(".scatterlayer .trace").first.wait_for(state="attached", timeout=120_000)
     before = wait_for_plot_title(page, GEOMETRY, r"^id per layer")
     assert not root.locator(".widget-html-content").first.inner_text().strip(), "explorer shows an error"
     root.scroll_into_view_if_needed()
@@ -88,12 +88,12 @@ def test_attribution_explorer_target_click(ran):
     assert not errors, "notebook cells raised:\n\n" + "\n\n".join(errors)
 
     root = page.locator(ATTRIBUTION).first
-    root.wait_for(state="attached", timeout=30_000)
+    root.wait_for(state="attached", timeout=120_000)
     buttons = root.locator(".lb-attr-targets button")
-    buttons.first.wait_for(state="visible", timeout=30_000)
+    buttons.first.wait_for(state="visible", timeout=120_000)
     assert buttons.count() == 3, f"expected one target button per generated token, got {buttons.count()}"
     main = root.locator(".lb-attr-main").first
-    main.locator("span.lb-src").first.wait_for(state="attached", timeout=30_000)
+    main.locator("span.lb-src").first.wait_for(state="attached", timeout=120_000)
     active = [i for i in range(3) if "mod-active" in (buttons.nth(i).get_attribute("class") or "")]
     assert active == [2], f"the last generated token should be the initial target, active buttons: {active}"
     html_before = main.inner_html()
@@ -105,7 +105,7 @@ def test_attribution_explorer_target_click(ran):
     page.wait_for_function(
         "([sel, old]) => { const r = document.querySelector(sel); return r && r.innerHTML !== old; }",
         arg=[ATTRIBUTION + " .lb-attr-main", html_before],
-        timeout=30_000,
+        timeout=120_000,
     )
     styles_after = page.evaluate(_JS_SPAN_STYLES, ATTRIBUTION + " .lb-attr-main")
     assert styles_after != styles_before, "the highlighted sources did not change with the target"

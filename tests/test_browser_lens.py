@@ -33,7 +33,7 @@ def lab(tmp_path):
         yield server
 
 
-def _wait_title(page, pattern: str, timeout_ms: int = 30_000) -> str:
+def _wait_title(page, pattern: str, timeout_ms: int = 120_000) -> str:
     """Wait until some plotly title in the explorer matches the JS regex ``pattern``; return it."""
     return wait_for_plot_title(page, EXPLORER, pattern, timeout_ms)
 
