@@ -718,7 +718,7 @@ class JupyterLab:
             except OSError:
                 pass
 
-    def open_notebook(self, relpath: str, timeout_s: float = 90.0):
+    def open_notebook(self, relpath: str, timeout_s: float = 240.0):
         """Open ``relpath`` (relative to ``root_dir``) in a fresh lab workspace; returns the Page
         once the notebook panel is shown and its kernel is idle."""
         self._ensure_browser()

@@ -40,15 +40,15 @@ def _wait_title(page, pattern: str, timeout_ms: int = 120_000) -> str:
 
 def test_tour_explorer_in_lab(lab):
     page = lab.open_notebook(TOUR.name)
-    lab.run_all(page, timeout_s=240)
+    lab.run_all(page, timeout_s=600)
     errors = lab.cell_errors(page)
     assert not errors, "notebook cells raised:\n\n" + "\n\n".join(errors)
 
     root = page.locator(EXPLORER).first
-    root.wait_for(state="attached", timeout=30_000)
+    root.wait_for(state="attached", timeout=120_000)
     # heatmap rendered (plotly draws asynchronously inside the widget views)
-    root.locator(".main-svg").first.wait_for(state="attached", timeout=60_000)
-    root.locator("g.hm image, g.heatmaplayer image").first.wait_for(state="attached", timeout=60_000)
+    root.locator(".main-svg").first.wait_for(state="attached", timeout=180_000)
+    root.locator("g.hm image, g.heatmaplayer image").first.wait_for(state="attached", timeout=180_000)
     topk_before = _wait_title(page, r"^layer 30 · pos ")
     heat_before = _wait_title(page, r" lens · ")
     assert "target: next token" in heat_before, heat_before
