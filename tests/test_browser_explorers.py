@@ -35,7 +35,7 @@ pytestmark = pytest.mark.browser
 
 GEOMETRY = f"{ACTIVE_NOTEBOOK} .lb-geometry-explorer"
 ATTRIBUTION = f"{ACTIVE_NOTEBOOK} .lb-attribution-explorer"
-RUN_TIMEOUT_S = 300  # model load + both explorers' model passes on a busy 2-core CPU
+RUN_TIMEOUT_S = 600
 
 # background colour of every highlighted source token, in order
 _JS_SPAN_STYLES = """

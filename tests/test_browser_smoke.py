@@ -28,7 +28,7 @@ def test_figurewidget_heatmap_follows_slider(lab):
     page = lab.open_notebook(ASSET.name)
     lab.screenshot(page, "smoke-01-opened")
 
-    lab.run_all(page, timeout_s=90)
+    lab.run_all(page, timeout_s=300)
     errors = lab.cell_errors(page)
     assert not errors, "notebook cells raised:\n\n" + "\n\n".join(errors)
 
