@@ -127,7 +127,7 @@ import contextlib  # noqa: E402
 
 
 @contextlib.contextmanager
-def installed(*, reuse_final: bool = False, logits_to_keep: bool = True, group_rows: int = 128):
+def installed(*, reuse_final: bool = False, logits_to_keep: bool = True, group_rows: int = 256):
     """Temporarily make ``lb.logit_lens`` use :func:`lens_stats_fast` (benchmarks only).
 
     ``logits_to_keep``: the capture's forward pass computes the logits of the last position only
