@@ -33,5 +33,13 @@ __all__ = [
     "logit_lens", "lens_sweep", "train_tuned_lens", "TunedLens", "LensResult", "LensSweepResult",
     "estimators", "intrinsic_dimension", "neighborhood_overlap", "cosine_similarity", "anisotropy", "linearity",
     "shuffle_baseline", "geometry_loss_correlation", "GeometryResult", "LinearityResult", "ShuffleResult",
-    "CorrelationResult", "attribute", "faithfulness", "AttributionResult", "sample_texts", "LensbenchError", "InputError", "AnatomyError", "ModelLoadError",
+    "CorrelationResult", "attribute", "faithfulness", "AttributionResult", "sample_texts", "LensbenchError",
+    "InputError", "AnatomyError", "ModelLoadError",
 ]
+
+# --- filler tokens (issue 6): exports go here ---
+
+# --- critical tokens (issue 7): exports go here ---
+
+# --- contextual memory (issue 4): exports go here ---
+

@@ -118,6 +118,10 @@ def attribution_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
 
 SECTIONS: list[Section] = [model_section, lens_section, geometry_section, attribution_section]
 
+# --- filler section (issue 6): define filler_section above and append it here ---
+
+# --- critical-token section (issue 7): define critical_section above and append it here ---
+
 
 def write_report(m: LensModel, out: str | Path = "out/report.html", *, quick: bool = False,
                  texts: list[str] | None = None, prompt: str = "The capital of France is",

@@ -9,3 +9,7 @@ from .geometry import GeometryExplorer
 from .lens import LogitLensExplorer
 
 __all__ = ["LogitLensExplorer", "GeometryExplorer", "AttributionExplorer"]
+
+# --- FillerExplorer (issue 6) goes here ---
+
+# --- CriticalTokenExplorer (issue 7) goes here ---
