@@ -31,11 +31,11 @@ demo: setup
 	$(VENV)/bin/lensbench report --out out/report.html
 
 test: setup browser-deps
-	$(VENV)/bin/ruff check lensbench widgets tests scripts bench/bench_geometry.py bench/bench_attribution.py
+	$(VENV)/bin/ruff check lensbench widgets tests scripts bench
 	$(PY) -m pytest -n 2 --dist loadgroup -p no:cacheprovider $(PYTEST_ARGS)
 
 lint:
-	$(VENV)/bin/ruff check lensbench widgets tests scripts bench/bench_geometry.py bench/bench_attribution.py
+	$(VENV)/bin/ruff check lensbench widgets tests scripts bench
 
 bench: setup
 	test -x .venv-bench/bin/python || { $(PYTHON) -m venv .venv-bench && .venv-bench/bin/pip install -q dadapy "numpy<2"; }

@@ -509,7 +509,7 @@ def write_results(res: dict, agree: dict, mach: dict, args, path: Path, total_s:
     lines.append("")
 
     # ---- B
-    b_fwd, b_floor, b_ours = tmin("B.forward"), tmin("B.floor"), tmin("B.ours")
+    b_floor, b_ours = tmin("B.floor"), tmin("B.ours")
     lines += ["## B. logit lens: 31 layers × 512 tokens, top-10 + all statistics, one text", "",
               "| case | seconds (min) | runs (s) | CPU s (min) | ratio to forward (a) | ratio to floor (b) | peak above ref (MB) "
               "| peak above load (MB) | other procs' CPU | target | result |",

@@ -207,20 +207,22 @@ def run_batches(m: LensModel, ids: list[torch.Tensor], step: Callable[[list[int]
 
 
 def forward_batch(m: LensModel, ids: list[torch.Tensor], layers: list[int], *, padding_side: str = "right",
-                  backend: str | None = None, indices: list[int] | None = None) -> CaptureBatch:
+                  backend: str | None = None, indices: list[int] | None = None, logits: bool = True) -> CaptureBatch:
     """One padded forward pass through the chosen backend, recording ``layers``."""
     from .backends import run_backend
     input_ids, mask = pad_batch(m, ids, padding_side)
     input_ids, mask = input_ids.to(m.input_device), mask.to(m.input_device)
     with torch.no_grad():
-        hidden, logits = run_backend(backend or m.backend, m, input_ids, mask, layers, padding_side)
+        hidden, out_logits = run_backend(backend or m.backend, m, input_ids, mask, layers, padding_side,
+                                         logits=logits)
     return CaptureBatch(model=m, indices=list(indices or range(len(ids))), input_ids=input_ids, attention_mask=mask,
-                        lengths=[len(x) for x in ids], hidden=hidden, logits=logits, padding_side=padding_side)
+                        lengths=[len(x) for x in ids], hidden=hidden, logits=out_logits, padding_side=padding_side)
 
 
 def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], list] | None = None,
             batch_size: int | str = "auto", progress: bool = True, *, add_bos: bool | None = None,
-            truncate: bool = False, padding_side: str = "right", backend: str | None = None) -> Capture:
+            truncate: bool = False, padding_side: str = "right", backend: str | None = None,
+            logits: bool = True) -> Capture:
     """Batched capture of the residual stream.
 
     Args:
@@ -235,6 +237,8 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
         truncate: cut over-long texts to the model's context with a warning instead of raising.
         padding_side: ``"right"`` (default, exact for every architecture) or ``"left"``.
         backend: ``"hf"``, ``"nnsight"`` or ``"transformer_lens"``; default: how the model was loaded.
+        logits: False lets the backend skip the model's output logits (saves a ``[B, T, V]`` tensor and one full
+            unembedding); ``Capture.losses`` are then NaN.
     """
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
@@ -249,7 +253,7 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
 
     def step(idx: list[int]) -> None:
         batch = forward_batch(m, [ids[i] for i in idx], layers, padding_side=padding_side, backend=backend,
-                              indices=idx)
+                              indices=idx, logits=logits)
         if batch.logits is not None:
             with torch.no_grad():
                 for b, i in enumerate(idx):

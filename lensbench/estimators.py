@@ -1,17 +1,21 @@
 """Intrinsic-dimension estimators and neighbour statistics on point clouds (torch; CPU or GPU).
 
-Every function takes ``X``: an ``[N, D]`` torch tensor or numpy array, and computes distances in float64
-(float32 on devices without float64) with chunked ``cdist`` + ``topk`` — memory O(chunk · N), no Python
-loop over points — so 50k points fit on a 24 GB machine.
+Every function takes ``X``: an ``[N, D]`` torch tensor or numpy array (or, for the estimators, a precomputed
+:class:`Neighbors`, so one neighbour search serves TwoNN, every GRIDE scale and MLE). Neighbours are exact:
+a float32 Gram matmul of the centred points proposes ``k + margin`` candidates per point (``topk``), their
+distances are recomputed exactly in float64 by differences and re-sorted (ties broken by the lower index),
+and a rigorous float32 rounding bound certifies, row by row, that no true neighbour was missed — the rare
+rows it cannot certify are recomputed against every point in float64. Chunked over query rows (memory
+O(chunk · N)), no Python loop over points, so 50k points fit on a 24 GB machine.
 
 >>> from lensbench import estimators as E
 >>> X = torch.randn(2000, 5) @ torch.randn(5, 100)       # a 5-dim plane in R^100
 >>> E.twonn(X), E.gride(X), E.mle(X), E.pca_dim(X, 0.99)   # all ≈ 5
+>>> nb = E.neighbors(X, 8); E.twonn(nb), E.gride_profile(nb)   # one neighbour search, many estimates
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -20,10 +24,13 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["knn", "dedup", "twonn", "gride", "gride_profile", "mle", "pca_dim", "neighbor_overlap", "DedupInfo"]
+__all__ = ["knn", "neighbors", "Neighbors", "dedup", "twonn", "gride", "gride_profile", "mle", "pca_dim",
+           "neighbor_overlap", "DedupInfo"]
+
+_U32 = 2.0 ** -24  # unit roundoff of float32
 
 
-def as_points(X, *, dtype: torch.dtype | None = None, param: str = "X") -> torch.Tensor:
+def as_points(X, *, dtype: torch.dtype | None = None, param: str = "X", check: bool = True) -> torch.Tensor:
     """Validate and convert ``X`` to a 2-D floating tensor (float64 where the device supports it)."""
     if isinstance(X, np.ndarray):
         X = torch.from_numpy(X)
@@ -34,8 +41,9 @@ def as_points(X, *, dtype: torch.dtype | None = None, param: str = "X") -> torch
     if dtype is None:
         dtype = torch.float32 if X.device.type == "mps" else torch.float64
     X = X.to(dtype)
-    if not torch.isfinite(X).all():
-        raise InputError(f"{param} contains NaN or inf (a bfloat16 overflow?); load the model in float32.")
+    if check and not bool(torch.isfinite(X.sum(1)).all()):  # a row sum is finite iff the row is (barring overflow)
+        if not bool(torch.isfinite(X).all()):
+            raise InputError(f"{param} contains NaN or inf (a bfloat16 overflow?); load the model in float32.")
     return X
 
 
@@ -49,62 +57,157 @@ class DedupInfo:
         return self.n_in - self.n_out
 
 
+def _dup_mask(X: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool, True for rows that exactly repeat an earlier row. A random projection (the same
+    elementwise reduction for every row, so equal rows hash equally) proposes collisions; only colliding
+    rows are compared exactly."""
+    N = X.shape[0]
+    dup = torch.zeros(N, dtype=torch.bool, device=X.device)
+    if N < 2:
+        return dup
+    r = torch.randn(X.shape[1], generator=torch.Generator().manual_seed(12345), dtype=torch.float64).to(X)
+    h = (X * r).sum(1)
+    hs, order = torch.sort(h, stable=True)            # equal hashes: ascending original index
+    brk = hs[1:] != hs[:-1]
+    if bool(brk.all()):
+        return dup
+    gid = torch.cat([torch.zeros(1, dtype=torch.long, device=X.device), torch.cumsum(brk.long(), 0)])
+    first = torch.zeros(int(gid[-1]) + 1, dtype=torch.long, device=X.device)
+    first.scatter_reduce_(0, gid, torch.arange(N, device=X.device), reduce="amin", include_self=False)
+    lead = order[first[gid]]                          # each sorted row's group leader (earliest index)
+    multi = lead != order
+    rows, leads = order[multi], lead[multi]
+    eq = (X[rows] == X[leads]).all(1)
+    dup[rows[eq]] = True
+    for g in torch.unique(gid[multi][~eq]).tolist():  # a hash collision of distinct rows: compare pairwise
+        idx = order[gid == g]
+        Z = X[idx]
+        same = (Z[:, None, :] == Z[None, :, :]).all(-1)
+        dup[idx] = torch.tril(same, diagonal=-1).any(1)
+    return dup
+
+
 def dedup(X) -> tuple[torch.Tensor, DedupInfo]:
-    """Drop exact duplicate rows (they make neighbour distances zero). Returns (unique points, counts)."""
+    """Drop exact duplicate rows (they make neighbour distances zero), keeping first occurrences in order.
+    Returns (unique points, counts). Cost O(N·D) plus a sort of N hashes."""
     X = as_points(X)
-    U = torch.unique(X, dim=0)
+    dup = _dup_mask(X)
+    U = X[~dup] if bool(dup.any()) else X
     return U, DedupInfo(X.shape[0], U.shape[0])
 
 
-def _chunk_rows(N: int, budget_bytes: int = 256 * 2**20) -> int:
-    return max(1, min(N, budget_bytes // (8 * max(N, 1))))
+def _chunk_rows(N: int, width: int, budget_bytes: int = 256 * 2**20, itemsize: int = 8) -> int:
+    return max(1, min(N, budget_bytes // (itemsize * max(width, 1))))
 
 
-def knn(X, k: int, *, chunk: int | None = None, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances and indices of each point's ``k`` nearest neighbours (self excluded), ascending.
+def _exact_rows(X: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact float64 squared distances of ``rows`` to every point by differences, self excluded; the k
+    smallest, ties to the lower index. Chunked; used for rows the float32 screen cannot certify."""
+    N, D = X.shape
+    outd, outi = [], []
+    step = _chunk_rows(len(rows), N * D)
+    for s in range(0, len(rows), step):
+        r = rows[s:s + step]
+        d2 = ((X[None, :, :] - X[r, None, :]) ** 2).sum(-1)
+        d2[torch.arange(len(r), device=X.device), r] = float("inf")
+        v, o = torch.sort(d2, dim=1, stable=True)
+        outd.append(v[:, :k])
+        outi.append(o[:, :k])
+    return torch.cat(outd), torch.cat(outi)
 
-    Candidates come from float32 distances (``|x|² + |y|² − 2x·y``, twice as fast as float64 on CPU BLAS),
-    ``k + margin`` per point; with ``exact=True`` their distances are recomputed exactly in ``X``'s dtype by
-    differences and re-sorted. Chunked over query rows. Returns ``([N, k] distances, [N, k] long indices)``.
-    """
-    X = as_points(X)
-    N = X.shape[0]
-    if not 1 <= k < N:
-        raise InputError(f"k={k} neighbours need at least k+1 points; got N={N}.")
-    kc = min(N - 1, k + max(4, k // 2)) if exact else k
-    chunk = chunk or _chunk_rows(N)
-    Xf = X.float()
-    sq = (Xf * Xf).sum(1)
-    D = torch.empty(N, k, dtype=X.dtype, device=X.device)
+
+def _knn_sq(X: torch.Tensor, k: int, chunk: int | None = None, margin: int | None = None):
+    """Exact k-NN squared distances (float64) and indices of already-validated points ``X``."""
+    N, D = X.shape
+    margin = max(4, k // 2) if margin is None else margin
+    kc = min(N - 1, k + margin)
+    mu = X.mean(0)
+    Xc = X - mu
+    Xf = Xc.float()
+    sq64 = (Xc * Xc).sum(1)
+    sq = sq64.float()
+    # float32 rounding bound on |fl(d²_ij) − d²_ij| for any j: 2(D+5)u(|x_i|² + max_j |x_j|²), 10% safety
+    bound = 2.2 * (D + 5) * _U32 * (sq64 + sq64.max())
+    chunk = chunk or _chunk_rows(N, N, itemsize=4)
+    D2 = torch.empty(N, k, dtype=X.dtype, device=X.device)
     I = torch.empty(N, k, dtype=torch.long, device=X.device)  # noqa: E741
+    bad = []
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         d2 = torch.addmm(sq[None, :], Xf[s:e], Xf.T, alpha=-2).add_(sq[s:e, None])
-        rows = torch.arange(s, e, device=X.device)
-        d2[rows - s, rows] = float("inf")
-        v, i = torch.topk(d2, kc, dim=1, largest=False)
-        if exact:
-            v = (X[i] - X[s:e, None, :]).norm(dim=-1)            # exact distances of the candidates
-            v, o = torch.sort(v, dim=1)
-            i = i.gather(1, o)
-            v, i = v[:, :k], i[:, :k]
-        else:
-            v = v.clamp_min(0).sqrt().to(X.dtype)
-        D[s:e], I[s:e] = v, i
-    return D, I
+        ar = torch.arange(e - s, device=X.device)
+        d2[ar, ar + s] = float("inf")
+        v, i = torch.topk(d2, kc, dim=1, largest=False, sorted=False)
+        del d2
+        i, o = torch.sort(i, dim=1)                                # candidates by index: ties → lower index
+        v = v.gather(1, o)
+        ex = ((X[i] - X[s:e, None, :]) ** 2).sum(-1)               # exact squared distances (float64)
+        ex, o = torch.sort(ex, dim=1, stable=True)
+        i = i.gather(1, o)
+        if kc < N - 1:
+            ok = ex[:, k - 1] < v.max(1).values.double() - bound[s:e]
+            if not bool(ok.all()):
+                bad.append(torch.nonzero(~ok).flatten() + s)
+        D2[s:e], I[s:e] = ex[:, :k], i[:, :k]
+    if bad:
+        rows = torch.cat(bad)
+        D2[rows], I[rows] = _exact_rows(X, rows, k)
+    return D2, I
 
 
-def _ratios(X, n1: int, n2: int, *, remove_duplicates: bool = True) -> tuple[torch.Tensor, DedupInfo]:
+def knn(X, k: int, *, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact distances and indices of each point's ``k`` nearest neighbours (self excluded), ascending,
+    ties broken by the lower index. Returns ``([N, k] float64 distances, [N, k] long indices)``."""
+    X = as_points(X)
+    N = X.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < N:
+        raise InputError(f"k={k} neighbours need at least k+1 points; got N={N}.")
+    d2, i = _knn_sq(X, k, chunk)
+    return d2.sqrt(), i
+
+
+@dataclass
+class Neighbors:
+    """A precomputed exact neighbour search on de-duplicated points: pass it to :func:`twonn`,
+    :func:`gride`, :func:`gride_profile` or :func:`mle` in place of ``X`` to share one search."""
+
+    dist: torch.Tensor      # [N, k] float64, ascending
+    index: torch.Tensor     # [N, k] long, into the de-duplicated points
+    info: DedupInfo
+
+    @property
+    def k(self) -> int:
+        return self.dist.shape[1]
+
+
+def neighbors(X, k: int, *, remove_duplicates: bool = True) -> Neighbors:
+    """The ``k`` exact nearest neighbours of every point after dropping exact duplicates."""
     if remove_duplicates:
         X, info = dedup(X)
     else:
         X = as_points(X)
         info = DedupInfo(X.shape[0], X.shape[0])
-    dist, _ = knn(X, n2)
-    r1, r2 = dist[:, n1 - 1], dist[:, n2 - 1]
-    mu = r2 / r1
-    mu = mu[torch.isfinite(mu) & (r1 > 0)]
-    return mu, info
+    N = X.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < N:
+        raise InputError(f"k={k} neighbours need at least k+1 distinct points; got N={N}.")
+    d2, i = _knn_sq(X, k)
+    return Neighbors(d2.sqrt(), i, info)
+
+
+def _nb(X, k: int, what: str) -> Neighbors:
+    if isinstance(X, Neighbors):
+        if X.k < k:
+            raise InputError(f"{what} needs {k} neighbours; the Neighbors passed hold only {X.k}: "
+                             f"compute them with E.neighbors(X, k={k}).")
+        return X
+    return neighbors(X, k)
+
+
+def _ratios(X, n1: int, n2: int) -> tuple[torch.Tensor, DedupInfo]:
+    nb = _nb(X, n2, f"n2={n2}")
+    mu = nb.dist[:, n2 - 1] / nb.dist[:, n1 - 1]
+    mu = mu[torch.isfinite(mu) & (nb.dist[:, n1 - 1] > 0)]
+    return mu, nb.info
 
 
 def twonn(X, *, discard_fraction: float = 0.1, method: str = "linear", return_info: bool = False):
@@ -113,6 +216,7 @@ def twonn(X, *, discard_fraction: float = 0.1, method: str = "linear", return_in
     ``method="linear"``: least-squares fit through the origin of −log(1−F(μ)) = d·log μ after discarding the
     largest ``discard_fraction`` of μ (as scikit-dimension). ``method="mle"``: the censored maximum-likelihood
     form, (k−1)/(Σ_{i≤k} log μ_(i) + (N−k)·log μ_(k)) ((N−1)/Σ log μ with ``discard_fraction=0``).
+    ``X`` may be a :class:`Neighbors` with k ≥ 2.
     """
     if method not in ("linear", "mle"):
         raise InputError("method must be 'linear' or 'mle'.")
@@ -134,36 +238,26 @@ def twonn(X, *, discard_fraction: float = 0.1, method: str = "linear", return_in
     return (d, info) if return_info else d
 
 
-def _gride_mle(mu: torch.Tensor, n1: int, n2: int) -> float:
-    """Maximise the GRIDE log-likelihood in d on [0.001, 1000] by bisection on its derivative."""
-    mu = mu.double()
-    N = mu.numel()
-    logmu = mu.log()
+def _gride_mle(mu, n1: int, n2: int) -> float:
+    """Maximise the GRIDE log-likelihood in d on [0.001, 1000]: the root of its derivative, which is
+    strictly decreasing in d, by Brent's method (float64, on the CPU: N numbers)."""
+    from scipy.optimize import brentq
+    logmu = np.log(mu.double().cpu().numpy() if isinstance(mu, torch.Tensor) else np.asarray(mu, np.float64))
+    N = logmu.size
     a = n2 - n1 - 1
+    s = logmu.sum()
 
     def dlogL(d: float) -> float:
         # d/dd of (N-1) log d + a Σ log(μ^d - 1) - ((n2-1) d + 1) Σ log μ   (N-1 as in DADApy's form)
-        t = d * logmu
-        if a > 0:
-            term = a * (logmu / (-torch.expm1(-t))).sum()  # μ^d log μ / (μ^d − 1)
-        else:
-            term = torch.zeros((), dtype=torch.float64)
-        return float((N - 1) / d + term - (n2 - 1) * logmu.sum())
+        term = a * (logmu / -np.expm1(-d * logmu)).sum() if a > 0 else 0.0  # μ^d log μ / (μ^d − 1)
+        return (N - 1) / d + term - (n2 - 1) * s
 
     lo, hi = 1e-3, 1e3
     if dlogL(hi) > 0:
         return hi
     if dlogL(lo) < 0:
         return lo
-    for _ in range(200):
-        mid = math.sqrt(lo * hi)
-        if dlogL(mid) > 0:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo < 1 + 1e-12:
-            break
-    return math.sqrt(lo * hi)
+    return float(brentq(dlogL, lo, hi, xtol=1e-13, rtol=4 * np.finfo(float).eps, maxiter=500))
 
 
 def _filter_outliers(mu: torch.Tensor) -> torch.Tensor:
@@ -174,7 +268,8 @@ def _filter_outliers(mu: torch.Tensor) -> torch.Tensor:
 def gride(X, n1: int = 2, n2: int | None = None, *, return_info: bool = False):
     """GRIDE (Denti et al. 2022): ID from μ = r_{n2}/r_{n1}; ``n2`` defaults to 2·n1 ("scale" = n2).
 
-    Outlying ratios μ > q50 + 20·(q95 − q50) are dropped before the fit, as DADApy does.
+    Outlying ratios μ > q50 + 20·(q95 − q50) are dropped before the fit, as DADApy does. ``X`` may be a
+    :class:`Neighbors` with k ≥ n2.
     """
     n2 = 2 * n1 if n2 is None else n2
     if not 1 <= n1 < n2:
@@ -188,33 +283,32 @@ def gride(X, n1: int = 2, n2: int | None = None, *, return_info: bool = False):
 
 
 def gride_profile(X, max_n2: int | None = None) -> dict[int, float]:
-    """Multiscale GRIDE: ``{n2: d}`` for n2 = 2, 4, 8, … (n1 = n2/2) up to ``max_n2`` (default N/4).
-
-    One neighbour search at the largest scale serves every scale.
-    """
-    U, _ = dedup(X)
-    N = U.shape[0]
-    max_n2 = max_n2 or max(2, N // 4)
+    """Multiscale GRIDE: ``{n2: d}`` for n2 = 2, 4, 8, … (n1 = n2/2) up to ``max_n2`` (default N/4; the
+    largest scale a :class:`Neighbors` holds when one is passed). One neighbour search serves every scale."""
+    if isinstance(X, Neighbors):
+        N, cap = X.dist.shape[0], X.k
+    else:
+        X, _ = dedup(X)
+        N = X.shape[0]
+        cap = N - 1
+    max_n2 = min(max_n2 or max(2, N // 4), cap)
     scales = [2 ** j for j in range(1, 32) if 2 ** j <= min(max_n2, N - 1)]
     if not scales:
         raise InputError("too few points for a GRIDE profile.")
-    dist, _ = knn(U, scales[-1])
+    nb = X if isinstance(X, Neighbors) else neighbors(X, scales[-1], remove_duplicates=False)
     out = {}
     for n2 in scales:
-        n1 = n2 // 2
-        mu = dist[:, n2 - 1] / dist[:, n1 - 1]
-        mu = _filter_outliers(mu[torch.isfinite(mu)])
-        out[n2] = _gride_mle(mu, n1, n2)
+        mu, _ = _ratios(nb, n2 // 2, n2)
+        out[n2] = _gride_mle(_filter_outliers(mu), n2 // 2, n2)
     return out
 
 
 def mle(X, k: int = 20) -> float:
     """Levina–Bickel maximum-likelihood ID with ``k`` neighbours; the inverse estimates are averaged over
-    points (MacKay & Ghahramani's correction)."""
-    U, _ = dedup(X)
+    points (MacKay & Ghahramani's correction). ``X`` may be a :class:`Neighbors` with at least k."""
     if k < 3:
         raise InputError("mle needs k >= 3.")
-    dist, _ = knn(U, k)
+    dist = _nb(X, k, f"mle with k={k}").dist[:, :k]
     logs = torch.log(dist[:, -1:] / dist[:, :-1])          # log(T_k / T_j), j < k
     inv = logs.sum(1) / (k - 1)                            # E[inv] = 1/d: averaging inverses is unbiased
     return float(1.0 / inv.mean())
@@ -231,18 +325,27 @@ def pca_dim(X, var: float = 0.9) -> int:
     return int((frac < var - 1e-12).sum().item() + 1)
 
 
+def overlap_counts(IX: torch.Tensor, IY: torch.Tensor) -> torch.Tensor:
+    """``[N]`` long: |row i of IX ∩ row i of IY| for two ``[N, k]`` neighbour-index tables (sorted search)."""
+    k = IY.shape[1]
+    IY_sorted = torch.sort(IY, dim=1).values
+    pos = torch.searchsorted(IY_sorted, IX).clamp_max(k - 1)
+    return (IY_sorted.gather(1, pos) == IX).sum(1)
+
+
 def neighbor_overlap(X, Y, k: int = 10) -> torch.Tensor:
     """Per-point overlap |N_k^X(i) ∩ N_k^Y(i)| / k of the k-neighbourhoods of the same points in two spaces.
 
-    Returns ``[N]``; the mean is χ_k. Self is excluded from both neighbourhoods.
+    Returns ``[N]`` float64; the mean is χ_k. Self is excluded from both neighbourhoods; neighbours are exact
+    (float64 distances; ties to the lower index); duplicates are kept (the same points in both spaces).
     """
+    X = as_points(X, param="X")
+    Y = as_points(Y, param="Y")
+    if X.shape[0] != Y.shape[0]:
+        raise InputError("X and Y must have the same number of rows (the same points in two spaces).")
     _, IX = knn(X, k)
     _, IY = knn(Y, k)
-    # membership via sorted search, vectorised: for each row, count IX entries present in IY
-    IY_sorted = torch.sort(IY, dim=1).values
-    pos = torch.searchsorted(IY_sorted, IX).clamp_max(k - 1)
-    hit = IY_sorted.gather(1, pos) == IX
-    return hit.float().sum(1) / k
+    return overlap_counts(IX, IY).double() / k
 
 
 def _warn(msg: str) -> None:

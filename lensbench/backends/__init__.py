@@ -22,7 +22,11 @@ def position_ids_for(mask: torch.Tensor) -> torch.Tensor:
 
 
 def run_backend(name: str, m, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int],
-                padding_side: str = "right"):
+                padding_side: str = "right", logits: bool = True):
+    """Hooked forward through backend ``name``: ``(hidden {layer: [B, T, d]}, logits [B, T, V] or None)``.
+
+    ``logits=False`` lets a backend skip the output logits (the hf backend asks for the last position only).
+    """
     if name == "hf":
         from .hf import run
     elif name == "nnsight":
@@ -31,4 +35,6 @@ def run_backend(name: str, m, input_ids: torch.Tensor, mask: torch.Tensor, layer
         from .transformer_lens import run
     else:
         raise InputError(f"backend={name!r} is unknown; choose one of {BACKENDS}.")
+    if name == "hf":
+        return run(m, input_ids, mask, layers, padding_side, logits=logits)
     return run(m, input_ids, mask, layers, padding_side)
