@@ -38,8 +38,31 @@ __all__ = [
 ]
 
 # --- filler tokens (issue 6): exports go here ---
+from . import tasks  # noqa: E402
+from .probes.filler import (  # noqa: E402
+    FillerAblationResult,
+    FillerProbeResult,
+    FillerSweepResult,
+    filler_ablation,
+    filler_probe,
+    filler_sweep,
+)
+
+__all__ += ["tasks", "filler_ablation", "filler_sweep", "filler_probe", "FillerAblationResult",
+            "FillerSweepResult", "FillerProbeResult"]
 
 # --- critical tokens (issue 7): exports go here ---
+from .probes.critical import (  # noqa: E402
+    ContrastiveResult,
+    CriticalTokensResult,
+    checkers,
+    contrastive_tokens,
+    critical_tokens,
+    pass_at_k,
+)
+
+__all__ += ["critical_tokens", "contrastive_tokens", "CriticalTokensResult", "ContrastiveResult", "checkers",
+            "pass_at_k"]
 
 # --- contextual memory (issue 4): exports go here ---
 
