@@ -255,21 +255,23 @@ def test_interrupted_run_resumes_exactly(tiny, tmp_path):
             raise KeyboardInterrupt
         return "a" in text
     checker = lb.checkers.Checker(fn, "contains-a")
-    kw = dict(checker=checker, n_samples=4, max_new_tokens=5, progress=False, seed=7)
-    reference = lb.critical_tokens(m, PROMPT, RESPONSE, **kw)
-    calls.update(n=0, limit=30)  # 1 prompt-only batch (4) + 3 units (8 each) = 28 checks, then interrupted
+    response = "the cat sat on the mat"
+    kw = dict(checker=checker, n_samples=3, max_new_tokens=4, progress=False, seed=7)
+    reference = lb.critical_tokens(m, PROMPT, response, **kw)
+    calls.update(n=0, limit=22)  # 1 prompt-only batch (3) + 3 units (6 each) = 21 checks, then interrupted
     with pytest.raises(KeyboardInterrupt):
-        lb.critical_tokens(m, PROMPT, RESPONSE, cache_dir=tmp_path, **kw)
+        lb.critical_tokens(m, PROMPT, response, cache_dir=tmp_path, **kw)
     stored = sorted(p.name for p in next(tmp_path.iterdir()).glob("*.json"))
     assert stored == ["free000000.json", "tok000000.json", "tok000001.json", "tok000002.json"]
     calls.update(n=0, limit=None)
-    resumed = lb.critical_tokens(m, PROMPT, RESPONSE, cache_dir=tmp_path, **kw)
+    resumed = lb.critical_tokens(m, PROMPT, response, cache_dir=tmp_path, **kw)
     n_units = len(reference.units)
-    assert resumed.n_rollouts == 2 * 4 * (n_units - 3), "only the missing units are generated again"
-    assert calls["n"] == 2 * 4 * (n_units - 3)
+    assert n_units > 4
+    assert resumed.n_rollouts == 2 * 3 * (n_units - 3), "only the missing units are generated again"
+    assert calls["n"] == 2 * 3 * (n_units - 3)
     resumed = dataclasses.replace(resumed, n_rollouts=reference.n_rollouts)
     assert resumed == reference
-    again = lb.critical_tokens(m, PROMPT, RESPONSE, cache_dir=tmp_path, **kw)
+    again = lb.critical_tokens(m, PROMPT, response, cache_dir=tmp_path, **kw)
     assert again.n_rollouts == 0 and dataclasses.replace(again, n_rollouts=reference.n_rollouts) == reference
 
 
@@ -413,3 +415,27 @@ def test_contrastive_two_lora_adapters_on_one_base(tmp_path):
     assert ce.logprob_diff.abs().max() > 1e-3, "the two adapters should disagree"
     with pytest.raises(InputError, match="adapter"):
         lb.contrastive_tokens(m, m, TEXT, pos_adapter="missing")
+
+
+# ------------------------------------------------------------------------------------------------ widget
+def test_explorer_click_shows_continuations_without_running_the_model(tiny):
+    from lensbench.widgets import CriticalTokenExplorer
+    m = tiny("llama")
+    ids, marker, scripted, calls = _marker_setup(m, 2)
+    ex = CriticalTokenExplorer(m, PROMPT, RESPONSE, checker=lb.checkers.number(42), n_samples=3, sampler=scripted)
+    assert not ex.error.value and "lb-critical-explorer" in ex._dom_classes
+    res = ex.result
+    assert len(ex.token_buttons) == len(ids) and res.critical_index == 2
+    assert "lb-crit-critical" in ex.token_buttons[2]._dom_classes
+    colours = [b.style.button_color for b in ex.token_buttons]
+    assert colours[2] == "#ff2828" and colours[0] == "#ffffff"          # criticality 1 vs 0
+    n_calls = calls["rows"]
+    ex.token_buttons[2].click()
+    assert ex.selected == 2 and "data-unit='2'" in ex.detail.value
+    assert ex.detail.value.count("answer 13") == 3 and ex.detail.value.count("✗") == 3   # kept: all wrong
+    assert ex.detail.value.count("✓") == 3                                              # replaced: all right
+    ex.colour.value = "keep − replace"
+    assert [b.style.button_color for b in ex.token_buttons][2] == "#ffffff"  # keep 0 − replace 1 → clipped to 0
+    assert calls["rows"] == n_calls, "interactions must not sample again"
+    bad = CriticalTokenExplorer(m, PROMPT, "   ", checker=lb.checkers.number(42))
+    assert "response is empty" in bad.error.value

@@ -13,3 +13,6 @@ __all__ = ["LogitLensExplorer", "GeometryExplorer", "AttributionExplorer"]
 # --- FillerExplorer (issue 6) goes here ---
 
 # --- CriticalTokenExplorer (issue 7) goes here ---
+from .critical import CriticalTokenExplorer  # noqa: E402
+
+__all__ += ["CriticalTokenExplorer"]
