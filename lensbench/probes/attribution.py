@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 
 import numpy as np
@@ -140,6 +141,23 @@ def _forward_embeds(m: LensModel, embeds: torch.Tensor) -> torch.Tensor:
     return m.model(inputs_embeds=embeds, use_cache=False).logits
 
 
+def _keeps_last_logits(m: LensModel) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    try:
+        return "logits_to_keep" in inspect.signature(m.model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _last_logits(m: LensModel, embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``[B, V]`` at the last position only: the unembedding (and its backward) runs for one position
+    instead of T (``logits_to_keep=1``), which is most of the saving for short prompts of small models."""
+    kw = {"logits_to_keep": 1} if _keeps_last_logits(m) else {}
+    if ids is not None:
+        return m.model(input_ids=ids.to(m.input_device), use_cache=False, **kw).logits[:, -1]
+    return m.model(inputs_embeds=embeds, use_cache=False, **kw).logits[:, -1]
+
+
 def baseline_embedding(m: LensModel, ids: torch.Tensor, baseline) -> torch.Tensor:
     """The IG/occlusion reference embeddings ``[T, d]``: "zero", "mean" (vocabulary mean), "pad", "unk",
     "bos", "eos", a token id, or a tensor ``[d]`` / ``[T, d]``."""
@@ -185,7 +203,7 @@ def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline
         foil_t = None if foil is None else torch.tensor([foil], device=e.device)
         if method in ("saliency", "grad_x_input"):
             ek = e[:P].clone().requires_grad_(True)
-            logits = _forward_embeds(m, ek[None].to(wdt))[:, -1]
+            logits = _last_logits(m, ek[None].to(wdt))
             F = _objective(logits, yk, foil_t, objective)
             (g,) = torch.autograd.grad(F.sum(), ek)
             fvals[k] = float(F.detach())
@@ -197,14 +215,14 @@ def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline
         for s in range(0, n_steps, internal_batch_size):
             a = alphas[s: s + internal_batch_size]
             path = (bk[None] + a[:, None, None] * (ek - bk)[None]).requires_grad_(True)
-            logits = _forward_embeds(m, path.to(wdt))[:, -1]
+            logits = _last_logits(m, path.to(wdt))
             F = _objective(logits, yk.expand(len(a)), None if foil_t is None else foil_t.expand(len(a)), objective)
             (g,) = torch.autograd.grad(F.sum(), path)
             total += (weights[s: s + len(a), None, None] * g).sum(0)
         attr = ((ek - bk) * total).sum(-1).detach()
         with torch.no_grad():
             ends = torch.stack([ek, bk]).to(wdt)
-            Fe = _objective(_forward_embeds(m, ends)[:, -1], yk.expand(2), None if foil_t is None else
+            Fe = _objective(_last_logits(m, ends), yk.expand(2), None if foil_t is None else
                             foil_t.expand(2), objective)
         fvals[k] = float(Fe[0])
         comp[k] = float(attr.sum() - (Fe[0] - Fe[1]))
@@ -368,7 +386,7 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
             mask = torch.rand(len(a), P, generator=g) < ratio
             xt = _replace(x, mask, replacement, V, g, pred if replacement == "predictive" else None, mlm)
             with torch.no_grad():
-                py = torch.softmax(m.model(input_ids=xt.to(dev), use_cache=False).logits[:, -1].float(), -1)[:, y]
+                py = torch.softmax(_last_logits(m, ids=xt).float(), -1)[:, y]
             delta = (p_y - py).cpu().clamp(-0.999999, 0.999999)
             upd = 2 * torch.atanh(delta)[:, None]
             logit_scores[a] += torch.where(mask, upd, -upd)
@@ -379,7 +397,7 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
             keep.scatter_(1, s.topk(n_keep, -1).indices, True)
             xr = _replace(x, ~keep, replacement, V, g, pred if replacement == "predictive" else None, mlm)
             with torch.no_grad():
-                top = m.model(input_ids=xr.to(dev), use_cache=False).logits[:, -1].topk(top_k, -1).indices.cpu()
+                top = _last_logits(m, ids=xr).topk(top_k, -1).indices.cpu()
             done = (top == y).any(-1)
             converged[a[done]] = True
             active[a[done]] = False
@@ -409,7 +427,7 @@ def _resolve_targets(m: LensModel, text: str, target, generate: int, add_bos):
         return full, targets
     if target is None:
         with torch.no_grad():
-            y = int(m.model(input_ids=ids[None].to(m.input_device), use_cache=False).logits[0, -1].argmax())
+            y = int(_last_logits(m, ids=ids[None])[0].argmax())
     else:
         y = m.token_id(target, param="target")
     return torch.cat([ids, torch.tensor([y])]), [(len(ids), y)]
@@ -498,7 +516,7 @@ def _hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def _masked_distance(m, ek, p_full, prob_keep, n_samples, g) -> torch.Tensor:
     """Mean Hellinger distance to ``p_full`` with embeddings kept with probability ``prob_keep`` ``[P]``."""
     mask = (torch.rand(n_samples, ek.shape[0], generator=g) < prob_keep[None]).to(ek.dtype).to(ek.device)
-    lg = _forward_embeds(m, ek[None] * mask[..., None])[:, -1].float()
+    lg = _last_logits(m, ek[None] * mask[..., None]).float()
     return _hellinger(p_full[None], torch.softmax(lg, -1)).mean()
 
 
@@ -524,8 +542,8 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
             ek = e[:P]
             s = result.scores[k, :P].nan_to_num(0)
             s = (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
-            p_full = torch.softmax(_forward_embeds(m, ek[None])[0, -1].float(), -1)
-            p_null = torch.softmax(_forward_embeds(m, torch.zeros_like(ek)[None])[0, -1].float(), -1)
+            p_full = torch.softmax(_last_logits(m, ek[None])[0].float(), -1)
+            p_null = torch.softmax(_last_logits(m, torch.zeros_like(ek)[None])[0].float(), -1)
             d_null = _hellinger(p_full, p_null).clamp_min(1e-9)
 
             rnd = torch.rand(P, generator=g)
@@ -539,7 +557,7 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
             for j in range(1, K + 1):
                 batch[j, order[:j]] = 0
             y = torch.full((K + 1,), int(result.target_ids[k]), device=ek.device)
-            f = _objective(_forward_embeds(m, batch)[:, -1], y, None, "logprob")
+            f = _objective(_last_logits(m, batch), y, None, "logprob")
             curves.append(f.float().cpu().numpy())
     res = {k: np.array(v) for k, v in out.items()}
     for k in list(res):
