@@ -137,12 +137,20 @@ def write_report(m: LensModel, out: str | Path = "out/report.html", *, quick: bo
     texts = texts or sample_texts(3 if quick else 12)
     ctx = {"texts": texts, "prompt": prompt, "max_tokens": 48 if quick else 128, "outdir": outdir,
            "results": {}, "progress": progress}
-    parts = []
-    for section in SECTIONS:
+    from tqdm.auto import tqdm
+    parts, seconds = [], {}
+    bar = tqdm(SECTIONS, desc="report", unit="section", disable=not progress)
+    for section in bar:
+        name = section.__name__.removesuffix("_section")
+        bar.set_postfix_str(name)
+        t0 = time.perf_counter()
         try:
             parts += section(m, ctx)
         except Exception as e:  # a failing section is reported in the page, the rest still runs
             parts.append((f"{section.__name__} failed", f"<pre>{html.escape(repr(e))}</pre>"))
+        seconds[name] = round(time.perf_counter() - t0, 2)
+    bar.close()
+    ctx["results"]["section_seconds"] = seconds
     (outdir / "summary.json").write_text(json.dumps(ctx["results"], indent=1))
     body = "".join(f"<section><h2>{html.escape(t)}</h2>{h}</section>" for t, h in parts)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>lensbench report: {html.escape(m.name)}"

@@ -16,3 +16,7 @@ __all__ = ["LogitLensExplorer", "GeometryExplorer", "AttributionExplorer"]
 from .critical import CriticalTokenExplorer  # noqa: E402
 
 __all__ += ["CriticalTokenExplorer"]
+
+from .workbench import Workbench  # noqa: E402 - the Workbench tabs over every explorer above (issue 8)
+
+__all__ += ["Workbench"]

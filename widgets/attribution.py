@@ -27,13 +27,14 @@ class AttributionExplorer(W.VBox):
         generate: tokens to generate and attribute (0 = the next token only).
         method_options: per-method keyword arguments for :func:`lensbench.attribute`
             (default: integrated gradients with the "mean" baseline and 32 steps).
+        target: the token to explain when ``generate=0`` (string or id; default: the greedy next token).
 
     Attributes:
         results: method -> :class:`lensbench.AttributionResult`; target_buttons: one toggle per target token.
     """
 
     def __init__(self, m, text: str = "The capital of France is", *, methods=DEFAULT_METHODS, generate: int = 6,
-                 method_options: dict | None = None):
+                 method_options: dict | None = None, target: str | int | None = None):
         self.m = m
         opts = {"integrated_gradients": {"baseline": "mean", "n_steps": 32}}
         opts.update(method_options or {})
@@ -41,8 +42,8 @@ class AttributionExplorer(W.VBox):
         self.results: dict[str, lb.AttributionResult] = {}
         try:
             for meth in methods:
-                self.results[meth] = lb.attribute(m, text, method=meth, generate=generate, progress=False,
-                                                  **opts.get(meth, {}))
+                kw = dict(opts.get(meth, {}), **({"target": target} if target is not None else {}))
+                self.results[meth] = lb.attribute(m, text, method=meth, generate=generate, progress=False, **kw)
         except (lb.LensbenchError, ValueError) as e:
             self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
         first = next(iter(self.results.values()), None)

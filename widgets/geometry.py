@@ -21,6 +21,8 @@ VIEWS = [("ID profile", "id"), ("neighbourhood overlap", "overlap"), ("cosine si
          ("per-token nonlinearity", "nonlinearity"), ("shuffled vs original", "shuffle"),
          ("log-ID vs loss", "scatter")]
 
+LAYER_VIEWS = ("id", "overlap", "cosine", "anisotropy", "linearity")  # views whose x axis is the layer
+
 
 class GeometryExplorer(W.VBox):
     """Geometry views over one capture of ``texts``.
@@ -115,3 +117,14 @@ class GeometryExplorer(W.VBox):
             for tr in new.data:
                 self.fig.add_trace(tr)
             self.fig.layout = new.layout
+        if self.view.value in LAYER_VIEWS:  # click a point of a per-layer profile to pick that layer
+            for tr in self.fig.data:
+                tr.on_click(self._picked)
+
+    def _picked(self, _trace, points, _state) -> None:
+        if points.xs:
+            self.pick_layer(int(round(float(points.xs[0]))))
+
+    def pick_layer(self, layer: int) -> None:
+        """Select ``layer`` (the ``layer`` slider; observers such as the Workbench follow). No model pass."""
+        self.layer.value = max(self.layer.min, min(self.layer.max, int(layer)))

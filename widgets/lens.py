@@ -158,6 +158,20 @@ class LogitLensExplorer(W.VBox):
         self.status.value = (f"<small>{r.lens} lens · {len(r.layers)} layers × {len(r.tokens)} tokens · "
                              f"{html.escape(r.model_name)}</small>")
 
+    # ---- selection from outside (e.g. the Workbench); no model pass
+    def show_layer(self, layer: int) -> None:
+        """Select ``layer`` (clamped to 0..L): the top-k panel and the outlined heatmap cell follow."""
+        self.layer.value = max(self.layer.min, min(self.layer.max, int(layer)))
+
+    def show_position(self, position: int) -> None:
+        """Select token ``position`` (clamped to the text): the top-k panel and the outlined cell follow."""
+        self.position.value = max(self.position.min, min(self.position.max, int(position)))
+
+    def _mark_selection(self, li: int, t: int) -> None:
+        box = dict(type="rect", xref="x", yref="y", x0=t - 0.5, x1=t + 0.5, y0=li - 0.5, y1=li + 0.5,
+                   line=dict(color="#e4572e", width=3), fillcolor="rgba(0,0,0,0)")
+        self.heatmap.layout.shapes = [box]
+
     def _draw_topk(self) -> None:
         if not self.results:
             return
@@ -167,6 +181,7 @@ class LogitLensExplorer(W.VBox):
         toks = r.top_tokens(self.top_k)[li][t]
         probs = r.top_probs[li, t].tolist()
         title = f"layer {r.layers[li]} · pos {t} {r.tokens[t]!r}: top-{len(toks)}"
+        self._mark_selection(li, t)
         with self.topk_fig.batch_update():
             labels = [repr(x) for x in toks][::-1]
             if not self.topk_fig.data:
