@@ -75,6 +75,25 @@ def test_lens_position_jumps_to_its_attribution(tiny, dtype):
     assert res.source_tokens == toks and res.target_tokens == [greedy]
 
 
+def test_lens_position_jumps_to_its_criticality(tiny):
+    m = tiny("llama")
+    wb = _workbench(m, tabs=["lens", "criticality"])
+    toks = wb.tokens()
+    p = 5
+    wb.explorers["lens"].position.value = p
+    assert wb.to_critical.description == f"Criticality of token {p} →"
+    wb.options["critical"] = {"n_samples": 4, "max_new_tokens": 4}
+    wb.jump_to_criticality()
+    assert wb.wait(120) and wb.message.value == "", wb.message.value
+    res = wb.explorers["criticality"].result
+    # the prompt is the text before token p, the response starts with token p, and only token p is evaluated
+    assert res.units == toks[p:] and res.evaluated == [0]
+    assert not torch.isnan(res.keep_acc[0]) and torch.isnan(res.keep_acc[1:]).all()
+    assert res.keep_success[0] == round(float(res.keep_acc[0]) * 4)
+    wb.jump_to_criticality(0)  # nothing before token 0 to prompt with: a message, no traceback
+    assert wb.wait(60) and "prompt token" in wb.message.value
+
+
 def test_geometry_layer_shows_the_lens_at_that_layer_without_model_passes(tiny):
     m = tiny("llama")
     wb = _workbench(m)

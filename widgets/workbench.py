@@ -76,6 +76,30 @@ def _build_attribution(wb: Workbench) -> W.Widget:
     return AttributionExplorer(wb.m, prefix, target=target, **opts)
 
 
+def _build_critical(wb: Workbench) -> W.Widget:
+    """Rollout criticality of the token at the selected position: prompt = the text before it, response = the
+    rest, only that token evaluated (``positions=[0]``); default checker: the text's last word is reproduced."""
+    import re
+
+    from .critical import CriticalTokenExplorer
+    opts = {"n_samples": 8, "max_new_tokens": 8}
+    opts.update(wb.options.get("critical", {}))
+    ids = wb.m.encode(wb.text)
+    p = len(ids) - 1 if wb.position is None else min(wb.position, len(ids) - 1)
+    if p < 1:
+        raise lb.InputError("criticality needs at least one prompt token before the selected position; "
+                            "pick a later position in the lens.")
+    dec = wb.m.tokenizer.decode
+    prompt, response = dec(ids[:p].tolist(), skip_special_tokens=True), dec(ids[p:].tolist(), skip_special_tokens=True)
+    checker = opts.pop("checker", None)
+    if checker is None:
+        words = re.findall(r"\w+", wb.text)
+        if not words:
+            raise lb.InputError("the text has no word to check; pass options={'critical': {'checker': ...}}.")
+        checker = lb.checkers.regex(re.escape(words[-1]))
+    return CriticalTokenExplorer(wb.m, prompt, response, checker=checker, positions=[0], **opts)
+
+
 def _position_key(wb: Workbench) -> Hashable:
     return (id(wb.m), wb.text, wb.position)
 
@@ -86,6 +110,11 @@ EXPLORERS: dict[str, TabSpec] = {
     "geometry": TabSpec("geometry", _build_geometry),
     "attribution": TabSpec("attribution", _build_attribution, _position_key),
 }
+try:  # the criticality explorer (issue 7) is a tab when it is installed
+    from .critical import CriticalTokenExplorer as _CTE  # noqa: F401
+    EXPLORERS["criticality"] = TabSpec("criticality", _build_critical, _position_key)
+except ImportError:  # pragma: no cover
+    pass
 
 
 def register_explorer(name: str, build: Callable[[Workbench], W.Widget],
@@ -176,7 +205,12 @@ class Workbench(W.VBox):
                                 tooltip="show the logit lens at the layer picked here")
         self.to_lens.add_class("lb-wb-to-lens")
         self.to_lens.on_click(lambda _b: self.show_lens_layer(self.layer if self.layer is not None else 0))
-        self.link_bars = {"lens": [self.to_attribution] if "attribution" in names else [],
+        self.to_critical = W.Button(description="Criticality of this token →", icon="arrow-right",
+                                    tooltip="rollouts keeping vs replacing the token at the selected lens position")
+        self.to_critical.add_class("lb-wb-to-critical")
+        self.to_critical.on_click(lambda _b: self.jump_to_criticality())
+        self.link_bars = {"lens": [b for b, n in ((self.to_attribution, "attribution"),
+                                                   (self.to_critical, "criticality")) if n in names],
                           "geometry": [self.to_lens] if "lens" in names else []}
 
         # ---- tabs
@@ -270,6 +304,12 @@ class Workbench(W.VBox):
             self.set_position(position)
         self.select_tab("attribution")
 
+    def jump_to_criticality(self, position: int | None = None) -> None:
+        """Rollout criticality of the token at lens ``position`` (default: the selected one) in its tab."""
+        if position is not None:
+            self.set_position(position)
+        self.select_tab("criticality")
+
     def set_position(self, position: int) -> None:
         """Select a token position (moves the lens position slider when the lens is built). No model pass."""
         lens = self.explorers.get("lens")
@@ -359,6 +399,7 @@ class Workbench(W.VBox):
     def _update_links(self) -> None:
         p = "last" if self.position is None else self.position
         self.to_attribution.description = f"Attribute position {p} →"
+        self.to_critical.description = f"Criticality of token {p} →"
         self.to_lens.description = f"Lens at layer {'…' if self.layer is None else self.layer} →"
 
     # ------------------------------------------------------------------ jobs
