@@ -123,6 +123,32 @@ SECTIONS: list[Section] = [model_section, lens_section, geometry_section, attrib
 # --- critical-token section (issue 7): define critical_section above and append it here ---
 
 
+def critical_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
+    """Rollout criticality of a deliberately wrong arithmetic answer (small sample counts; coarse search)."""
+    from .probes.critical import checkers, critical_html, critical_tokens
+    quick = ctx["max_tokens"] < 100
+    prompt = "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"
+    response = " Tom has 3 + 5 = 9 apples. The answer is 9."
+    res = critical_tokens(m, prompt, response, checker=checkers.number(8), n_samples=3 if quick else 8,
+                          max_new_tokens=6 if quick else 16, temperature=0.7, search="coarse",
+                          stride=4 if quick else 2, seed=0, progress=ctx.get("progress", False))
+    res.save(ctx["outdir"] / "critical_tokens.safetensors")
+    crit = res.critical_index
+    ctx["results"]["critical"] = {"critical_index": crit, "critical_token": None if crit is None else res.units[crit],
+                                  "base_accuracy": res.base_accuracy, "evaluated": len(res.evaluated),
+                                  "n_samples": res.n_samples}
+    note = (f"<p>Prompt {html.escape(repr(prompt))}, wrong response {html.escape(repr(response))}, checker "
+            f"<code>number(8)</code>; {res.n_samples} continuations per arm, coarse-to-fine search "
+            f"({len(res.evaluated)} of {len(res.units)} tokens evaluated). Critical token: "
+            + ("none" if crit is None else f"{crit} <code>{html.escape(repr(res.units[crit]))}</code>")
+            + ". Colour: accuracy drop caused by each token.</p>")
+    return [("Critical tokens: rollouts of a wrong arithmetic answer",
+             note + critical_html(res) + _fig_html(res.figure()))]
+
+
+SECTIONS.append(critical_section)
+
+
 def write_report(m: LensModel, out: str | Path = "out/report.html", *, quick: bool = False,
                  texts: list[str] | None = None, prompt: str = "The capital of France is",
                  progress: bool = True) -> Path:

@@ -277,7 +277,8 @@ class PrefixState:
             kw["logits_to_keep"] = 1
         out = self.m.model(input_ids=new, **kw)
         self.forward_tokens += new.shape[1]
-        self.cache = out.past_key_values
+        cache = getattr(out, "cache", None)  # transformers >= 5.2x names it `cache`
+        self.cache = cache if cache is not None else out.past_key_values
         self.ids = ids
         self.logits = out.logits[0, -1].float()
         return self.logits
