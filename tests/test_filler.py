@@ -1,0 +1,351 @@
+"""Filler-token probes (issue 6): tasks with brute-force labels, word-level class ablation with an exact-size
+random control, the filler sweep (KV-cache reuse == from-scratch == an independent HF forward), filler probes,
+float32 vs bfloat16, persistence and bad inputs."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import lensbench as lb
+from lensbench.probes import filler as F
+
+TEXT = ("The old lighthouse keeper climbed the stairs every evening, and he lit the lamp for the ships. "
+        "Nobody in the village remembered a night when the light had failed; the sea was calm and the sky was clear "
+        "over the harbour while the fishing boats came home one by one.")
+NO_COMMA = "Birds sing in the morning and the cats sleep all day long in the sun near the old house by the river bank"
+
+
+# --------------------------------------------------------------------------------------------- tasks
+def _brute(tuples, mod=10):
+    a = np.asarray(tuples)
+    for i, j, k in itertools.combinations(range(len(a)), 3):
+        if ((a[i] + a[j] + a[k]) % mod == 0).all():
+            return True
+    return False
+
+
+@pytest.mark.parametrize("length,dim", [(5, 1), (8, 2), (10, 3), (12, 3)])
+def test_three_sum_labels_brute_force(length, dim):
+    items = lb.tasks.three_sum(60, length=length, dim=dim, seed=3, positive_rate=0.5)
+    assert len(items) == 60
+    assert sum(it["meta"]["label"] for it in items) == 30  # planted at the requested rate
+    for it in items:
+        tup = it["meta"]["tuples"]
+        assert len(tup) == length and all(len(t) == dim and all(0 <= d < 10 for d in t) for t in tup)
+        assert it["meta"]["label"] == _brute(tup)
+        assert it["answer"] == (" True" if _brute(tup) else " False")
+        assert it["question"] == " ".join("".join(map(str, t)) for t in tup)
+        assert set(it) >= {"question", "answer", "meta"}
+        i, j, k = it["meta"]["planted"]
+        s = (np.asarray(tup[i]) + np.asarray(tup[j]) + np.asarray(tup[k])) % 10
+        if it["meta"]["label"]:
+            assert (s == 0).all()
+        else:  # near miss: the planted triple is off in 1..3 digits
+            assert 1 <= int((s != 0).sum()) <= min(3, dim)
+
+
+def test_three_sum_seeded_and_rates():
+    a = lb.tasks.three_sum(20, length=6, dim=2, seed=1)
+    assert a == lb.tasks.three_sum(20, length=6, dim=2, seed=1)
+    assert a != lb.tasks.three_sum(20, length=6, dim=2, seed=2)
+    assert not any(it["meta"]["label"] for it in lb.tasks.three_sum(10, length=6, dim=3, positive_rate=0))
+    assert all(it["meta"]["label"] for it in lb.tasks.three_sum(10, length=6, dim=3, positive_rate=1))
+    assert lb.tasks.filler_string(4) == " ." * 16
+
+
+def test_other_tasks_have_correct_answers():
+    for it in lb.tasks.two_sum_transform(30, length=5, dim=2, seed=0):
+        tup, s = it["meta"]["tuples"], it["meta"]["shift"]
+        want = any(all((x + y) % 10 == 0 for x, y in zip(a, b)) for a, b in itertools.combinations(tup, 2))
+        assert it["meta"]["label"] == want
+        shown = it["question"].split(" | ")[0].split()
+        assert shown == ["".join(str((x + s) % 10) for x in t) for t in tup]
+    for it in lb.tasks.arithmetic(30, digits=2, ops="+-*", seed=0):
+        a, op, b = re.match(r"What is (\d+) ([-+*]) (\d+)\?", it["question"]).group(1, 2, 3)
+        val = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert it["answer"] == f" {val}" and it["cot"].endswith(f"= {val}.")
+    for it in lb.tasks.multi_hop(20, seed=0):
+        friend, city = it["meta"]["friend"], it["meta"]["city"]
+        assert f"{it['meta']['person']} is friends with {friend}." in it["question"]
+        assert f"{friend} lives in {city}." in it["question"] and it["answer"] == " " + city
+
+
+def test_shipped_factual_items():
+    items = lb.tasks.factual()
+    assert len(items) >= 200
+    assert len({it["question"] for it in items}) == len(items)
+    for it in items:
+        assert it["answer"].startswith(" ") and it["answer"].strip() and it["question"].strip()
+        assert it["cloze"] and it["meta"]["category"]
+    assert len(lb.tasks.factual(5)) == 5
+    caps = lb.tasks.factual(category="capitals")
+    assert any(it["answer"] == " Paris" for it in caps)
+
+
+# --------------------------------------------------------------------------------------------- editing
+def test_units_classes_and_removal():
+    text = "Well, the cat (see above) sat on a mat — it's “fine”!"
+    units = F.split_units(text)
+    assert [u[2] for u in units][:6] == ["Well", ",", "the", "cat", "(", "see"]
+    assert "it's" in [u[2] for u in units]
+    sw = F.stop_words()
+    punct = F.class_mask(units, ("punctuation",), sw)
+    assert [u[2] for u, k in zip(units, punct) if k] == [",", "(", ")", "—", "“", "”", "!"]
+    assert F.remove_units(text, units, punct) == "Well the cat see above sat on a mat it's fine"
+    arts = F.class_mask(units, ("articles",), sw)
+    assert F.remove_units(text, units, arts) == "Well, cat (see above) sat on mat — it's “fine”!"
+    both = F.class_mask(units, ("punctuation", "articles"), sw)
+    assert F.remove_units(text, units, both) == "Well cat see above sat on mat it's fine"
+    assert F.normalize_classes(["punctuation+stopwords", ("commas", "articles")]) == [
+        ("punctuation+stopwords", ("punctuation", "stopwords")), ("commas+articles", ("commas", "articles"))]
+    first = F.class_mask(units, ("stopwords",), frozenset({"well"}))
+    assert F.remove_units(text, units, first).startswith(", the cat")  # no leading space left behind
+    assert F.remove_units(text, units, [False] * len(units)) == text
+
+
+@pytest.fixture(scope="module")
+def tiny32():
+    return lb.load(*lb.testing.tiny_model("llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny16():
+    return lb.load(*lb.testing.tiny_model("llama", dtype=torch.bfloat16))
+
+
+def _ref_nll(m, ctx_ids, cont_ids):
+    """Independent reference: one plain HF forward with full logits, mean NLL of the continuation."""
+    ids = torch.tensor([ctx_ids + cont_ids])
+    with torch.no_grad():
+        logits = m.model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    n = len(ctx_ids)
+    return -float(sum(lp[n - 1 + i, t] for i, t in enumerate(cont_ids))) / len(cont_ids)
+
+
+# --------------------------------------------------------------------------------------------- ablation
+def test_ablation_absent_class_changes_nothing_and_matches_reference(tiny32):
+    m = tiny32
+    res = lb.filler_ablation(m, [NO_COMMA, TEXT], classes=("commas", "articles"), continuation_words=6,
+                             n_control=2, progress=False)
+    assert res.removed_tokens[0, 0] == 0 and res.edited[0][0] == res.contexts[0]
+    assert res.loss_class[0, 0] == res.loss_orig[0]                  # identical, not merely close
+    assert (res.loss_control[0, :, 0] == res.loss_orig[0]).all()     # removing 0 tokens is no edit either
+    assert res.frequency[0, 0] == 0 and res.removed_tokens[0, 1] > 0
+    # the unedited context's loss agrees with an independent full-logits forward
+    for n in range(2):
+        ctx_ids = m.encode(res.contexts[n]).tolist()
+        cont = m.tokenizer(res.continuations[n], add_special_tokens=False)["input_ids"]
+        assert res.loss_orig[n].item() == pytest.approx(_ref_nll(m, ctx_ids, cont), abs=1e-4)
+        edited = m.encode(res.edited[1][n]).tolist()
+        assert res.loss_class[1, n].item() == pytest.approx(_ref_nll(m, edited, cont), abs=1e-4)
+    assert res.contexts[1] + res.continuations[1] == TEXT
+    assert len(F.split_units(res.continuations[1])) == 6
+
+
+def test_ablation_control_removes_exactly_as_many_tokens(tiny32):
+    m = tiny32
+    texts = [TEXT, TEXT[::-1].capitalize() + " and so on and so forth until the end of the day."]
+    res = lb.filler_ablation(m, texts, classes=("punctuation", "stopwords", ("punctuation", "articles")),
+                             continuation_words=5, n_control=3, seed=7, progress=False)
+    assert torch.equal(res.control_removed_tokens, res.removed_tokens[:, None].expand_as(res.control_removed_tokens))
+    for c in range(3):
+        for n in range(2):
+            full = len(m.encode(res.contexts[n]))
+            # recount independently by re-tokenising the edited texts
+            assert full - len(m.encode(res.edited[c][n])) == res.removed_tokens[c, n]
+            assert full - len(m.encode(res.control_edited[c][n])) == res.removed_tokens[c, n]
+            assert res.control_edited[c][n] != res.edited[c][n]
+    # the control never removes class words: every word it dropped is outside the class
+    sw = F.stop_words()
+    ctrl_words = [w for w in re.findall(r"\w+", res.contexts[0])]
+    kept = re.findall(r"\w+", res.control_edited[1][0])
+    dropped = list(__import__("collections").Counter(ctrl_words) - __import__("collections").Counter(kept))
+    assert dropped and not any(w.lower() in sw for w in dropped)
+    df = res.to_dataframe()
+    assert list(df["class"]) == ["punctuation", "stopwords", "punctuation+articles"]
+    assert {"delta_loss", "control_delta_loss", "excess_ci_lo", "excess_ci_hi", "frequency"} <= set(df.columns)
+
+
+def test_ablation_seeded_reproducible_and_roundtrip(tiny32, tmp_path):
+    kw = dict(classes=("stopwords",), continuation_words=6, n_control=2, progress=False)
+    a = lb.filler_ablation(tiny32, [TEXT], seed=1, **kw)
+    b = lb.filler_ablation(tiny32, [TEXT], seed=1, **kw)
+    c = lb.filler_ablation(tiny32, [TEXT], seed=2, **kw)
+    assert a == b
+    assert a.control_edited != c.control_edited
+    assert a.summary() == b.summary()
+    p = a.save(tmp_path / "abl")
+    assert lb.Result.load(p) == a
+    assert a.figure().data and "lb-filler-removed" in a.removal_html(0, 0)
+
+
+def test_ablation_replace_mode_keeps_positions(tiny32):
+    m = tiny32
+    res = lb.filler_ablation(m, [TEXT], classes=("articles",), mode="replace", replacement=" ",
+                             continuation_words=6, n_control=2, progress=False)
+    assert res.removed_tokens[0, 0] > 0
+    assert (res.control_removed_tokens[0, :, 0] == res.removed_tokens[0, 0]).all()
+    assert res.mode == "replace"
+
+
+def test_ablation_items_accuracy(default_model):
+    m = default_model
+    items = [{"question": "The capital of France is", "answer": " Paris"},
+             {"question": "The capital of Italy is", "answer": " Rome"}]
+    res = lb.filler_ablation(m, items, classes=("articles", "commas"), n_control=1, progress=False)
+    assert res.correct_orig.tolist() == [1.0, 1.0]          # the model's greedy answer is the gold one
+    assert res.correct_class[1].tolist() == [1.0, 1.0]      # no commas: nothing changes
+    assert res.edited[0][0] == "capital of France is"
+    assert torch.isfinite(res.correct_class).all()
+    assert res.to_dataframe()["acc_orig"].iloc[0] == 1.0
+
+
+# --------------------------------------------------------------------------------------------- sweep
+def _ref_logprob(m, ids, n_ans):
+    with torch.no_grad():
+        logits = m.model(input_ids=torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    n = len(ids)
+    toks = ids[n - n_ans:]
+    pos = range(n - n_ans - 1, n - 1)
+    return float(sum(lp[p, t] for p, t in zip(pos, toks))), all(int(logits[p].argmax()) == t for p, t in
+                                                                 zip(pos, toks))
+
+
+@pytest.mark.parametrize("template", ["\nAnswer:", ""])
+def test_sweep_cache_reuse_equals_from_scratch(tiny32, template):
+    m = tiny32
+    items = lb.tasks.arithmetic(3, seed=0)
+    kw = dict(fillers=(" .", "counting", "repeat_question", "random_words"), counts=(0, 3, 8), template=template,
+              cot=True, progress=False)
+    a = lb.filler_sweep(m, items, **kw)
+    b = lb.filler_sweep(m, items, reuse_cache=False, **kw)
+    assert a.kinds == [" .", "counting", "repeat_question", "random_words", "cot"]
+    assert torch.equal(a.logprob.isnan(), b.logprob.isnan()) and a.logprob[:4].isfinite().all()
+    assert a.logprob[4, 0].isfinite().all() and a.logprob[4, 1:].isnan().all()   # one cot arm per item
+    assert torch.allclose(a.logprob, b.logprob, atol=1e-4, rtol=0, equal_nan=True), (a.logprob - b.logprob)
+    assert torch.equal(a.correct.nan_to_num(-1), b.correct.nan_to_num(-1))
+    # N = 0 is the same arm for every kind
+    assert (a.logprob[:4, 0] == a.logprob[0, 0]).all()
+    # independent reference for one arm: plain HF forward on the concatenated ids
+    it = items[1]
+    q = m.encode(it["question"]).tolist()
+    f = F._filler_ids(m, "counting", 8, it, None)
+    t = m.tokenizer(template, add_special_tokens=False)["input_ids"] if template else []
+    ans = m.tokenizer(it["answer"], add_special_tokens=False)["input_ids"]
+    lp, ok = _ref_logprob(m, q + f + t + ans, len(ans))
+    assert a.logprob[1, 2, 1].item() == pytest.approx(lp, abs=1e-4)
+    assert a.correct[1, 2, 1].item() == float(ok)
+    assert a.n_tokens[1, 2, 1] == 8 and a.n_tokens[0, 1, 0] == 3
+
+
+def test_sweep_fillers_and_result(tiny32, tmp_path):
+    m = tiny32
+    it = {"question": "Is the sky blue?", "answer": " yes"}
+    r = np.random.default_rng(0)
+    assert F._filler_ids(m, " .", 5, it, None) == m.tokenizer(" ." * 5, add_special_tokens=False)["input_ids"][:5]
+    import random
+    w1 = F._filler_ids(m, "random_words", 12, it, random.Random(1))
+    assert len(w1) == 12 and w1[:6] == F._filler_ids(m, "random_words", 6, it, random.Random(1))  # prefix-stable
+    assert F._filler_ids(m, "counting", 7, it, None) == m.tokenizer(" 1 2 3 4 5 6 7 8", add_special_tokens=False)[
+        "input_ids"][:7]
+    del r
+    res = lb.filler_sweep(m, [it, {"question": "Is fire cold?", "answer": " no"}], fillers=(" .", "..."),
+                          counts=(0, 2, 4), progress=False, seed=3)
+    again = lb.filler_sweep(m, [it, {"question": "Is fire cold?", "answer": " no"}], fillers=(" .", "..."),
+                            counts=(0, 2, 4), progress=False, seed=3)
+    assert res == again
+    df = res.to_dataframe()
+    assert len(df) == 6 and {"delta_logprob", "delta_ci_lo", "accuracy", "accuracy_ci_hi"} <= set(df.columns)
+    assert df[df["count"] == 0]["delta_logprob"].abs().max() == 0
+    assert lb.Result.load(res.save(tmp_path / "sweep")) == res
+    for metric in ("delta_logprob", "logprob", "accuracy"):
+        assert len(res.figure(metric).data) >= 2
+
+
+def test_sweep_default_model_cache_identity_and_paris(default_model):
+    m = default_model
+    items = [{"question": "The capital of France is", "answer": " Paris", "template": ""},
+             {"question": "What is the capital of Italy?", "answer": " Rome"}]
+    kw = dict(fillers=(" .", "random_words"), counts=(0, 4, 16), progress=False)
+    a = lb.filler_sweep(m, items, **kw)
+    b = lb.filler_sweep(m, items, reuse_cache=False, **kw)
+    assert torch.allclose(a.logprob, b.logprob, atol=2e-4, rtol=0)
+    assert torch.equal(a.correct, b.correct) and a.settings["reuse_cache"] and not b.settings["reuse_cache"]
+    assert a.correct[0, 0, 0] == 1 and np.exp(a.logprob[0, 0, 0].item()) == pytest.approx(0.77, abs=0.05)
+
+
+def test_float32_vs_bfloat16(tiny32, tiny16):
+    items = lb.tasks.arithmetic(3, seed=1)
+    kw = dict(fillers=(" .",), counts=(0, 4), progress=False)
+    a = lb.filler_sweep(tiny32, items, **kw)
+    b = lb.filler_sweep(tiny16, items, **kw)
+    assert b.logprob.dtype == torch.float64 and torch.isfinite(b.logprob).all()
+    assert torch.allclose(a.logprob, b.logprob, atol=0.15 * 3, rtol=0.05), (a.logprob - b.logprob).abs().max()
+    ka = dict(classes=("articles",), continuation_words=6, n_control=1, progress=False)
+    x = lb.filler_ablation(tiny32, [TEXT], **ka)
+    y = lb.filler_ablation(tiny16, [TEXT], **ka)
+    assert torch.equal(x.removed_tokens, y.removed_tokens)   # tokenisation does not depend on the dtype
+    assert torch.allclose(x.loss_orig, y.loss_orig, atol=0.1) and torch.allclose(x.loss_class, y.loss_class, atol=0.1)
+    # bfloat16 cache reuse still equals its own from-scratch computation (within bfloat16 noise)
+    c = lb.filler_sweep(tiny16, items, reuse_cache=False, **kw)
+    assert torch.allclose(b.logprob, c.logprob, atol=0.1)
+
+
+# --------------------------------------------------------------------------------------------- probe
+def test_filler_probe_known_answers(tiny32, tmp_path):
+    m = tiny32
+    items = [{"question": f"The {w} fox jumps over the dog number {i}", "answer": f" {w}"}
+             for i in range(20) for w in ("quick", "lazy")]
+    res = lb.filler_probe(m, items, n_fillers=4, layers=[0, 2], folds=4, progress=False)
+    assert res.layers == [0, 2] and res.majority == 0.5
+    # layer 0 = embeddings: filler positions are the same tokens for every item (no position embedding in a
+    # llama residual), so the probe cannot beat chance there; the question positions contain the answer word
+    assert res.filler_acc[0] <= 0.6
+    assert res.question_acc[0] >= 0.95 and res.question_acc[1] >= 0.9
+    # after the blocks the fillers attend to the question: the label becomes decodable at filler positions
+    assert res.filler_acc[1] >= 0.9
+    assert res.shuffled_acc.max() <= 0.8
+    assert lb.Result.load(res.save(tmp_path / "probe")) == res
+    assert len(res.figure().data) == 3 and len(res.to_dataframe()) == 2
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+def test_bad_inputs(tiny32):
+    m = tiny32
+    bad = [
+        lambda: lb.filler_ablation(m, [], progress=False),
+        lambda: lb.filler_ablation(m, [""], progress=False),
+        lambda: lb.filler_ablation(m, ["too short"], progress=False),
+        lambda: lb.filler_ablation(m, [TEXT], classes=("adverbs",), progress=False),
+        lambda: lb.filler_ablation(m, [TEXT], classes=(), progress=False),
+        lambda: lb.filler_ablation(m, [TEXT], mode="mask", progress=False),
+        lambda: lb.filler_ablation(m, [TEXT], n_control=0, progress=False),
+        lambda: lb.filler_ablation(m, [TEXT], stopwords="the of", progress=False),
+        lambda: lb.filler_ablation(m, [{"question": "x"}], progress=False),
+        lambda: lb.filler_ablation("gpt2", [TEXT], progress=False),
+        lambda: lb.filler_sweep(m, [], progress=False),
+        lambda: lb.filler_sweep(m, [{"question": "q?"}], progress=False),
+        lambda: lb.filler_sweep(m, [{"question": "q?", "answer": " a"}], counts=(-1,), progress=False),
+        lambda: lb.filler_sweep(m, [{"question": "q?", "answer": " a"}], fillers=("",), progress=False),
+        lambda: lb.filler_sweep(m, [{"question": "q?", "answer": " a"}], cot=True, progress=False),
+        lambda: lb.filler_sweep(m, [{"question": "q?", "answer": " a"}], counts=(10**6,), progress=False),
+        lambda: lb.filler_probe(m, [{"question": "q?", "answer": " a"}] * 6, progress=False),
+        lambda: lb.filler_probe(m, [{"question": "q?", "answer": " a"}, {"question": "r?", "answer": " b"}],
+                                progress=False),
+        lambda: lb.tasks.three_sum(0),
+        lambda: lb.tasks.three_sum(5, length=2),
+        lambda: lb.tasks.three_sum(5, positive_rate=1.5),
+        lambda: lb.tasks.arithmetic(3, ops="/"),
+        lambda: lb.tasks.factual(category="nope"),
+    ]
+    for i, f in enumerate(bad):
+        with pytest.raises(lb.InputError):
+            f()
+            pytest.fail(f"case {i} did not raise")
