@@ -38,6 +38,18 @@ __all__ = [
 ]
 
 # --- filler tokens (issue 6): exports go here ---
+from . import tasks  # noqa: E402
+from .probes.filler import (  # noqa: E402
+    FillerAblationResult,
+    FillerProbeResult,
+    FillerSweepResult,
+    filler_ablation,
+    filler_probe,
+    filler_sweep,
+)
+
+__all__ += ["tasks", "filler_ablation", "filler_sweep", "filler_probe", "FillerAblationResult",
+            "FillerSweepResult", "FillerProbeResult"]
 
 # --- critical tokens (issue 7): exports go here ---
 from .probes.critical import (  # noqa: E402
