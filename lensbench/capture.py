@@ -128,9 +128,19 @@ def tokenize(m: LensModel, texts, *, add_bos: bool | None = None, truncate: bool
 
 
 def windows(m: LensModel, texts, max_tokens: int, *, max_windows_per_text: int | None = None) -> list[torch.Tensor]:
-    """Split each text's tokens into consecutive windows of at most ``max_tokens`` (for sweeps/training)."""
+    """Split each text's tokens into consecutive windows of at most ``max_tokens`` (for sweeps/training).
+
+    Windows shorter than 2 tokens are dropped; if nothing is left, an :class:`InputError` says so."""
     if isinstance(texts, str):
         texts = [texts]
+    if hasattr(texts, "column_names") and "text" in getattr(texts, "column_names", []):  # datasets.Dataset
+        texts = list(texts["text"])
+    if not isinstance(texts, (list, tuple)):
+        raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}.")
+    if not texts:
+        raise InputError("texts is an empty list; pass at least one text.")
+    if not isinstance(max_tokens, int) or max_tokens < 2:
+        raise InputError(f"max_tokens must be an int >= 2 (tokens per window), got {max_tokens!r}.")
     out = []
     for i, t in enumerate(texts):
         check_text(t, f"texts[{i}]")
@@ -139,6 +149,8 @@ def windows(m: LensModel, texts, max_tokens: int, *, max_windows_per_text: int |
         pieces = [ids[s: s + max_tokens] for s in range(0, len(ids), max_tokens)]
         pieces = [p for p in pieces if len(p) >= 2]
         out += pieces[:max_windows_per_text] if max_windows_per_text else pieces
+    if not out:
+        raise InputError("every text is shorter than 2 tokens; pass longer texts (each window needs a next token).")
     return out
 
 
