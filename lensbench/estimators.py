@@ -28,6 +28,7 @@ __all__ = ["knn", "neighbors", "Neighbors", "dedup", "twonn", "gride", "gride_pr
            "neighbor_overlap", "DedupInfo"]
 
 _U32 = 2.0 ** -24  # unit roundoff of float32
+_RERANK_ROWS = 32  # query rows per exact re-ranking block (≈ 32 × k × D × 8 bytes, cache-sized)
 
 
 def as_points(X, *, dtype: torch.dtype | None = None, param: str = "X", check: bool = True) -> torch.Tensor:
@@ -101,14 +102,14 @@ def _chunk_rows(N: int, width: int, budget_bytes: int = 256 * 2**20, itemsize: i
 
 
 def _exact_rows(X: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact float64 squared distances of ``rows`` to every point by differences, self excluded; the k
+    """Exact float64 distances of ``rows`` to every point by differences, self excluded; the k
     smallest, ties to the lower index. Chunked; used for rows the float32 screen cannot certify."""
     N, D = X.shape
     outd, outi = [], []
     step = _chunk_rows(len(rows), N * D)
     for s in range(0, len(rows), step):
         r = rows[s:s + step]
-        d2 = ((X[None, :, :] - X[r, None, :]) ** 2).sum(-1)
+        d2 = torch.linalg.vector_norm(X[None, :, :] - X[r, None, :], dim=-1)
         d2[torch.arange(len(r), device=X.device), r] = float("inf")
         v, o = torch.sort(d2, dim=1, stable=True)
         outd.append(v[:, :k])
@@ -116,39 +117,44 @@ def _exact_rows(X: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tens
     return torch.cat(outd), torch.cat(outi)
 
 
-def _knn_sq(X: torch.Tensor, k: int, chunk: int | None = None, margin: int | None = None):
-    """Exact k-NN squared distances (float64) and indices of already-validated points ``X``."""
+def _knn_dist(X: torch.Tensor, k: int, chunk: int | None = None, margin: int | None = None):
+    """Exact k-NN distances (float64, by differences) and indices of already-validated points ``X``."""
     N, D = X.shape
-    margin = max(4, k // 2) if margin is None else margin
+    margin = 2 + k // 4 if margin is None else margin
     kc = min(N - 1, k + margin)
-    mu = X.mean(0)
-    Xc = X - mu
+    Xc = X - X.mean(0)                                            # centring shrinks the float32 error
     Xf = Xc.float()
-    sq64 = (Xc * Xc).sum(1)
-    sq = sq64.float()
-    # float32 rounding bound on |fl(d²_ij) − d²_ij| for any j: 2(D+5)u(|x_i|² + max_j |x_j|²), 10% safety
-    bound = 2.2 * (D + 5) * _U32 * (sq64 + sq64.max())
+    # Rounding bound (Higham: a float32 dot product of length D errs by <= γ_D Σ|a||b|; plus the casts):
+    # |fl(d²_ij) − d²_ij| <= c (|x_i|² + |x_j|²) with c = 2(D+5)u (10% safety added). The screen ranks the
+    # lower bounds LB_ij = (1 − c)(|x_i|² + |x_j|²) − 2 x_i·x_j <= d²_ij; within a row the |x_i|² term is a
+    # constant, so one addmm per chunk ranks them and |x_i|² is added to the kc survivors only.
+    c = 2.2 * (D + 5) * _U32
+    sqc = (torch.linalg.vector_norm(Xc, dim=1) ** 2 * (1 - c)).float()
     chunk = chunk or _chunk_rows(N, N, itemsize=4)
     D2 = torch.empty(N, k, dtype=X.dtype, device=X.device)
     I = torch.empty(N, k, dtype=torch.long, device=X.device)  # noqa: E741
     bad = []
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        d2 = torch.addmm(sq[None, :], Xf[s:e], Xf.T, alpha=-2).add_(sq[s:e, None])
+        d2 = torch.addmm(sqc[None, :], Xf[s:e], Xf.T, alpha=-2)
         ar = torch.arange(e - s, device=X.device)
         d2[ar, ar + s] = float("inf")
         v, i = torch.topk(d2, kc, dim=1, largest=False, sorted=False)
         del d2
-        i, o = torch.sort(i, dim=1)                                # candidates by index: ties → lower index
-        v = v.gather(1, o)
-        ex = ((X[i] - X[s:e, None, :]) ** 2).sum(-1)               # exact squared distances (float64)
-        ex, o = torch.sort(ex, dim=1, stable=True)
-        i = i.gather(1, o)
+        i = torch.sort(i, dim=1).values                            # candidates by index: ties → lower index
+        ex = torch.empty(e - s, kc, dtype=X.dtype, device=X.device)
+        for b in range(0, e - s, _RERANK_ROWS):                    # exact distances by differences, in blocks
+            b2 = min(e - s, b + _RERANK_ROWS)                      # that stay in cache
+            diff = X[i[b:b2]]
+            diff -= X[s + b:s + b2, None, :]
+            ex[b:b2] = torch.linalg.vector_norm(diff, dim=-1)
+        ex, o2 = torch.sort(ex, dim=1, stable=True)
         if kc < N - 1:
-            ok = ex[:, k - 1] < v.max(1).values.double() - bound[s:e]
+            lb = v.max(1).values.double() + sqc[s:e].double()      # every non-candidate's lower bound is larger
+            ok = ex[:, k - 1].square() * (1 + 1e-12) < lb
             if not bool(ok.all()):
                 bad.append(torch.nonzero(~ok).flatten() + s)
-        D2[s:e], I[s:e] = ex[:, :k], i[:, :k]
+        D2[s:e], I[s:e] = ex[:, :k], i.gather(1, o2[:, :k])
     if bad:
         rows = torch.cat(bad)
         D2[rows], I[rows] = _exact_rows(X, rows, k)
@@ -162,8 +168,7 @@ def knn(X, k: int, *, chunk: int | None = None) -> tuple[torch.Tensor, torch.Ten
     N = X.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < N:
         raise InputError(f"k={k} neighbours need at least k+1 points; got N={N}.")
-    d2, i = _knn_sq(X, k, chunk)
-    return d2.sqrt(), i
+    return _knn_dist(X, k, chunk)
 
 
 @dataclass
@@ -190,8 +195,8 @@ def neighbors(X, k: int, *, remove_duplicates: bool = True) -> Neighbors:
     N = X.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < N:
         raise InputError(f"k={k} neighbours need at least k+1 distinct points; got N={N}.")
-    d2, i = _knn_sq(X, k)
-    return Neighbors(d2.sqrt(), i, info)
+    dist, i = _knn_dist(X, k)
+    return Neighbors(dist, i, info)
 
 
 def _nb(X, k: int, what: str) -> Neighbors:

@@ -82,6 +82,72 @@ def test_knn_matches_brute_force():
     assert torch.equal(I, i) and torch.allclose(D, v, atol=1e-9)
 
 
+def _brute(X, k):
+    """Reference neighbours: float64 distances by differences, self excluded, stable sort (ties → lower index)."""
+    d = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    d.fill_diagonal_(float("inf"))
+    v, i = torch.sort(d, dim=1, stable=True)
+    return v[:, :k].sqrt(), i[:, :k]
+
+
+def test_knn_exact_where_float32_cannot_rank(monkeypatch):
+    """Near-equidistant points (a simplex perturbed by 1e-9) defeat the float32 screen: the certificate must
+    send those rows to the exact fallback, and the result must equal the float64 brute force."""
+    g = torch.Generator().manual_seed(1)
+    X = 1e3 + torch.eye(120, dtype=torch.float64) + 1e-9 * torch.rand(120, 120, generator=g, dtype=torch.float64)
+    calls = []
+    real = E._exact_rows
+    monkeypatch.setattr(E, "_exact_rows", lambda X, rows, k: calls.append(len(rows)) or real(X, rows, k))
+    D, I = E.knn(X, 6)  # noqa: E741
+    assert calls and calls[0] > 100                          # the spy: uncertifiable rows took the exact path
+    v, i = _brute(X, 6)
+    assert torch.equal(I, i) and torch.allclose(D, v, rtol=1e-12)
+    Y = torch.randn(700, 30, generator=g, dtype=torch.float64) * torch.logspace(0, 3, 30, dtype=torch.float64)
+    Y[5] = Y[9]                                               # an exact tie: neighbour order by index
+    D, I = E.knn(Y, 10, chunk=64)  # noqa: E741
+    v, i = _brute(Y, 10)
+    assert torch.equal(I, i) and torch.allclose(D, v, rtol=1e-12)
+
+
+def test_dedup_keeps_first_occurrences_in_order():
+    X = torch.randn(50, 4, dtype=torch.float64)
+    Xd = torch.cat([X, X[[3, 7, 3]], -0.0 * X[:1] + X[:1]])
+    U, info = E.dedup(Xd)
+    assert info.removed == 4 and torch.equal(U, X)
+    assert E.dedup(X)[1].removed == 0
+
+
+def test_neighbors_shared_across_estimators():
+    X = _sphere(N=1500)
+    nb = E.neighbors(X, 8)
+    assert E.twonn(nb) == E.twonn(X) and E.gride(nb, 4, 8) == E.gride(X, 4, 8) and E.mle(nb, 8) == E.mle(X, 8)
+    assert E.gride_profile(nb) == E.gride_profile(X, 8)
+    with pytest.raises(lb.InputError, match="neighbours"):
+        E.gride(nb, 8, 16)
+
+
+def test_overlap_identical_to_per_token_set_loop():
+    """χ_k per token equals a per-token Python loop with sets under the same neighbour definition, also with
+    repeated points (exact distance ties)."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    X[10:20] = X[0]                                           # ties, as repeated tokens at the embedding layer
+    Y = X + 0.5 * torch.randn(300, 20, generator=g, dtype=torch.float64)
+    k = 7
+
+    def sets(Z):
+        out = []
+        for i in range(len(Z)):
+            d = ((Z - Z[i]) ** 2).sum(1).numpy()
+            d[i] = np.inf
+            out.append(set(np.argsort(d, kind="stable")[:k].tolist()))
+        return out
+    a, b = sets(X), sets(Y)
+    loop = np.array([len(a[i] & b[i]) / k for i in range(len(X))])
+    ours = E.neighbor_overlap(X, Y, k).numpy()
+    assert np.array_equal(ours, loop) and ours.mean() == loop.mean()
+
+
 def test_overlap_identities():
     X = _sphere(N=800)
     assert E.neighbor_overlap(X, X, 10).mean() == 1.0

@@ -40,17 +40,19 @@ def _cloud(batch: CaptureBatch, b: int, layer: int, exclude_bos: bool) -> torch.
 def estimate_id(X: torch.Tensor, estimator: str = "gride", scale: int = 4, *, var: float = 0.9,
                 k: int = 20) -> tuple[float, int]:
     """ID of one cloud by name. Returns (id, duplicates removed)."""
-    U, info = E.dedup(X)
-    if estimator == "gride":
-        d = E.gride(U, n1=max(1, scale // 2), n2=scale)
-    elif estimator == "twonn":
-        d = E.twonn(U)
-    elif estimator == "mle":
-        d = E.mle(U, k=min(k, U.shape[0] - 1))
-    elif estimator == "pca":
-        d = float(E.pca_dim(U, var))
-    else:
+    if estimator not in ESTIMATORS:
         raise InputError(f"estimator={estimator!r} is unknown; choose one of {ESTIMATORS}.")
+    U, info = E.dedup(X)
+    if estimator == "pca":
+        return float(E.pca_dim(U, var)), info.removed
+    k = min(k, U.shape[0] - 1) if estimator == "mle" else (2 if estimator == "twonn" else scale)
+    nb = E.neighbors(U, k, remove_duplicates=False)        # duplicates already dropped: one pass
+    if estimator == "gride":
+        d = E.gride(nb, n1=max(1, scale // 2), n2=scale)
+    elif estimator == "twonn":
+        d = E.twonn(nb)
+    else:
+        d = E.mle(nb, k=k)
     return d, info.removed
 
 
@@ -317,10 +319,22 @@ def neighborhood_overlap(m: LensModel, texts, *, k: int = 10, layers=None, exclu
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"k must be a positive int, got {k!r}.")
 
+    # each layer's neighbours serve both transitions it takes part in; an entry holds its tensor, so the
+    # memory of a cached view cannot be reused by another tensor while the key (its address) is cached
+    cache: dict = {}
+
+    def nbrs(Z):
+        key = (Z.data_ptr(), tuple(Z.shape), tuple(Z.stride()))
+        if key not in cache:
+            if len(cache) > 1:
+                cache.pop(next(iter(cache)))
+            cache[key] = (Z, E.knn(Z, k)[1])
+        return cache[key][1]
+
     def fn(X, Y):
         if X.shape[0] <= k:
             raise InputError(f"a prompt has {X.shape[0]} tokens; neighbourhood overlap with k={k} needs more.")
-        return float(E.neighbor_overlap(X, Y, k).mean()), float("nan"), 0
+        return float(E.overlap_counts(nbrs(X), nbrs(Y)).double().mean() / k), float("nan"), 0
     layers, prompts, vals, spread, dups, loss, ntok = _per_prompt(
         m, texts, layers, fn, exclude_bos=exclude_bos, batch_size=batch_size, progress=progress, adjacent=True)
     return GeometryResult("overlap", layers, prompts, vals, spread, loss, ntok, dups,
