@@ -439,3 +439,29 @@ def test_explorer_click_shows_continuations_without_running_the_model(tiny):
     assert calls["rows"] == n_calls, "interactions must not sample again"
     bad = CriticalTokenExplorer(m, PROMPT, "   ", checker=lb.checkers.number(42))
     assert "response is empty" in bad.error.value
+
+
+def test_prefix_state_extends_and_crops_exactly(tiny):
+    from lensbench.probes.critical import PrefixState
+    m = tiny("llama")
+    ids = m.encode(PROMPT + " " + RESPONSE).tolist()
+    st = PrefixState(m)
+
+    def fresh(prefix):
+        with torch.no_grad():
+            return m.model(input_ids=torch.tensor([prefix]), use_cache=False).logits[0, -1].float()
+    for n in (10, 15, 6, 6, 20, 19):  # extend, crop back, same, extend, crop by one
+        got = st.advance(ids[:n])
+        assert torch.allclose(got, fresh(ids[:n]), atol=1e-5), n
+        assert st.cache.get_seq_length() == n
+    assert st.forward_tokens < sum((10, 15, 6, 20, 19)), "prefixes are extended, not recomputed"
+
+
+def test_stop_strings_end_continuations(tiny):
+    m = tiny("llama")
+    res = lb.critical_tokens(m, PROMPT, RESPONSE, checker=_letter_checker(), n_samples=4, max_new_tokens=12,
+                             stop=["e"], positions=[1], progress=False)
+    cont = res.continuations_at(1)
+    head = m.tokenizer.decode(res.token_ids[:2].tolist())
+    tails = [t[len(head):] for t in cont["keep"]]
+    assert all(t.count("e") <= 1 and (t.endswith("e") or "e" not in t) for t in tails), tails

@@ -66,7 +66,17 @@ CI_PARAMETERS: dict[str, dict] = {
         "EXPLORER_METHODS": ["saliency", "grad_x_input"],
     },
     "04_filler_tokens.ipynb": {},  # issue 6: CI-sized overrides
-    "05_critical_tokens.ipynb": {},  # issue 7: CI-sized overrides
+    "05_critical_tokens.ipynb": {
+        "N_PROBLEMS": 3,  # Tom (right), Ben and the pencils (wrong) with the default model
+        "MAX_ANSWER_TOKENS": 24,
+        "MAX_RESPONSE_TOKENS": 12,
+        "N_SAMPLES": 2,
+        "MAX_NEW_TOKENS": 6,
+        "STRIDE": 4,
+        "SENTENCE_SAMPLES": 2,
+        "LORA_STEPS": 2,
+        "CACHE_DIR": "{tmp}/critical-cache",
+    },
 }
 # Wall-clock budgets (s) of one CI-sized run on a 2-core CPU. A run over budget only warns (shared CI
 # machines are noisy); over SLACK x budget it warns louder (timings are never asserted in tests).

@@ -684,7 +684,7 @@ def _token_unit(eng: _Engine, i: int) -> dict:
     alt_seeds = [_mix(eng.seed, len(prefix), "alt", j) for j in range(n)]
     if torch.isinf(logits).all():
         raise LensbenchError(f"no alternative token at position {i}: the vocabulary has one token")
-    alts = seeded_choice(logits[None].expand(n, -1), alt_seeds, temperature=eng.st["temperature"] or 1.0,
+    alts = seeded_choice(logits[None].expand(n, -1), alt_seeds, temperature=eng.st["temperature"],
                          top_p=eng.st["top_p"]).tolist()
     first = [[y]] * n + [[a] for a in alts]
     pairs = eng.rollouts(i, first, ["keep"] * n + ["replace"] * n)
@@ -721,7 +721,8 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
             importance: keep = rollouts after sentence i; replace = rollouts from before sentence i whose first
             regenerated sentence has cosine < ``similarity_threshold`` to sentence i under ``embedder``, default
             :func:`model_sentence_embedder`).
-        temperature, top_p, max_new_tokens, stop: sampling settings (stop strings end a continuation).
+        temperature, top_p, max_new_tokens, stop: sampling settings (stop strings end a continuation;
+            temperature 0 is greedy: every sample is the same and the replace arm takes the runner-up token).
         seed: results are a deterministic function of the seed (independent of ``batch_size`` and resuming).
         positions: evaluate only these units (others are NaN); search: ``"full"`` or ``"coarse"`` (every
             ``stride``-th unit plus the last, then bisect between evaluated neighbours whose keep-accuracy differs
