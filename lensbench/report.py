@@ -120,6 +120,33 @@ SECTIONS: list[Section] = [model_section, lens_section, geometry_section, attrib
 
 # --- filler section (issue 6): define filler_section above and append it here ---
 
+
+def filler_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
+    """Small filler-token section: class ablation on 2-3 shipped texts (cut to the report's token budget) and a
+    filler sweep on a few shipped factual items."""
+    from .probes.filler import filler_ablation, filler_sweep
+    from .tasks import factual
+    quick = ctx["max_tokens"] < 100
+    texts = [t[: ctx["max_tokens"] * 4] for t in ctx["texts"][: 2 if quick else 3]]
+    abl = filler_ablation(m, texts, classes=("punctuation", "stopwords", "articles"), n_control=1 if quick else 2,
+                          continuation_words=12, progress=False)
+    abl.save(ctx["outdir"] / "filler_ablation.safetensors")
+    items = factual()[:: 40 if quick else 12][: 4 if quick else 12]
+    sw = filler_sweep(m, items, fillers=(" .", "random_words"), counts=(0, 4, 16) if quick else (0, 8, 32),
+                      progress=False)
+    sw.save(ctx["outdir"] / "filler_sweep.safetensors")
+    ctx["results"]["filler"] = {
+        "ablation": {r["class"]: {"delta_loss": r["delta_loss"], "control_delta_loss": r["control_delta_loss"]}
+                     for r in abl.summary()},
+        "sweep": [{"kind": r["kind"], "count": r["count"], "delta_logprob": r.get("delta_logprob")}
+                  for r in sw.summary()]}
+    return [("Filler tokens: removing a token class vs removing as many random tokens",
+             _fig_html(abl.figure()) + abl.to_dataframe().round(3).to_html(index=False)),
+            ("Filler tokens: answer log-probability after N filler tokens", _fig_html(sw.figure()))]
+
+
+SECTIONS.append(filler_section)
+
 # --- critical-token section (issue 7): define critical_section above and append it here ---
 
 

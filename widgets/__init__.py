@@ -11,6 +11,9 @@ from .lens import LogitLensExplorer
 __all__ = ["LogitLensExplorer", "GeometryExplorer", "AttributionExplorer"]
 
 # --- FillerExplorer (issue 6) goes here ---
+from .filler import FillerExplorer  # noqa: E402
+
+__all__ += ["FillerExplorer"]
 
 # --- CriticalTokenExplorer (issue 7) goes here ---
 from .critical import CriticalTokenExplorer  # noqa: E402
