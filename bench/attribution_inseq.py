@@ -15,6 +15,7 @@ same replacement rule as ``lb.attribute(..., method="reagent", replacement="unif
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pickle
@@ -46,7 +47,7 @@ def main(job_path: str, out_path: str) -> None:
         pickle.dump({"ALL": list(range(AutoTokenizer.from_pretrained(model_dir).vocab_size))}, f)
 
     prompt, gen = job["prompt"], job["prompt"] + job["target_text"]
-    out: dict = {"inseq_version": inseq.__version__, "torch": torch.__version__, "import_s": import_s, "methods": {}}
+    out: dict = {"inseq_version": importlib.metadata.version("inseq"), "torch": torch.__version__, "import_s": import_s, "methods": {}}
     reps = job["repeats"]
     cases = {
         "saliency": ({}, {}),

@@ -77,10 +77,49 @@ def test_ig_completeness_gap_shrinks_with_steps(tiny):
 
 def test_rollout_rows_sum_to_one_and_attention(tiny):
     m = tiny("gpt2")
+    before = m.model.config._attn_implementation
     for method in ("rollout", "attention"):
-        r = lb.attribute(m, PROMPT, method=method, progress=False)
-        assert float(r.scores[0].nansum()) == pytest.approx(1.0, abs=1e-5)
-    assert m.model.config._attn_implementation != "eager" or True  # restored (checked below)
+        r = lb.attribute(m, PROMPT, method=method, generate=3, progress=False)
+        assert r.scores.shape[0] == 3
+        for k in range(3):  # every target row (its sources are the tokens before it) is a distribution
+            row = r.scores[k][~torch.isnan(r.scores[k])]
+            assert float(row.sum()) == pytest.approx(1.0, abs=1e-5) and bool((row >= 0).all())
+    assert before != "eager" and m.model.config._attn_implementation == before  # eager only during the call
+
+
+@pytest.mark.parametrize("method", ["occlusion", "saliency", "integrated_gradients"])
+def test_generation_rows_equal_brute_force(tiny, method):
+    """Each row of a generate=N result equals the method computed directly on that target's prefix (catches
+    wrong position bookkeeping, e.g. when only the predicting positions are unembedded)."""
+    m = tiny("llama")
+    res = lb.attribute(m, PROMPT, method=method, generate=3, baseline="zero", n_steps=4, progress=False)
+    full = res.input_ids
+    W = m.embed_module.weight
+    for k, P in enumerate(res.target_positions):
+        y = int(full[P])
+        e = m.embed_module(full[:P]).detach()
+
+        def F(x, y=y):  # log p(y) at the end of embeddings x [B, P, d]
+            return torch.log_softmax(m.model(inputs_embeds=x, use_cache=False).logits[:, -1].float(), -1)[:, y]
+        if method == "occlusion":
+            with torch.no_grad():
+                x = e[None].repeat(P, 1, 1)
+                x[torch.arange(P), torch.arange(P)] = 0
+                ref = F(e[None]) - F(x)
+        elif method == "saliency":
+            x = e[None].clone().requires_grad_(True)
+            ref = torch.autograd.grad(F(x).sum(), x)[0][0].norm(dim=-1)
+        else:  # 4-node Gauss-Legendre on [0, 1], zero baseline
+            import numpy as np
+            nodes, wts = np.polynomial.legendre.leggauss(4)
+            g = torch.zeros_like(e)
+            for a, w in zip(0.5 * (nodes + 1), 0.5 * wts):
+                x = (float(a) * e)[None].clone().requires_grad_(True)
+                g += float(w) * torch.autograd.grad(F(x).sum(), x)[0][0]
+            ref = (e * g).sum(-1)
+        assert W.shape[1] == e.shape[1]
+        assert torch.allclose(res.scores[k, :P], ref.detach(), rtol=1e-4, atol=1e-5), (k, res.scores[k, :P], ref)
+        assert torch.isnan(res.scores[k, P:]).all()
 
 
 @pytest.mark.parametrize("method", ["grad_x_input", "integrated_gradients", "occlusion"])
@@ -118,6 +157,10 @@ def test_agrees_with_captum(tiny, arch):
     emb = m.embed_module(ids).detach()
     ref = ig.attribute(emb, baselines=torch.zeros_like(emb), n_steps=50, internal_batch_size=16).sum(-1)[0]
     assert torch.allclose(ours.scores[0], ref.float(), rtol=1e-4, atol=1e-5)
+    sal = lb.attribute(m, PROMPT, method="saliency", progress=False)  # ‖∂F/∂e_i‖₂ = L2 of Captum's |grad|
+    ref = captum.Saliency(lambda e: torch.log_softmax(m.model(inputs_embeds=e, use_cache=False).logits[:, -1]
+                                                      .float(), -1)[:, y]).attribute(emb).norm(dim=-1)[0]
+    assert torch.allclose(sal.scores[0], ref.float(), rtol=1e-4, atol=1e-6)
     gxi = lb.attribute(m, PROMPT, method="grad_x_input", progress=False)
     ref = captum.LayerGradientXActivation(_captum_forward(m, y), m.embed_module).attribute(ids).sum(-1)[0]
     assert torch.allclose(gxi.scores[0], ref.float(), rtol=1e-4, atol=1e-6)

@@ -149,6 +149,13 @@ def _keeps_last_logits(m: LensModel) -> bool:
         return False
 
 
+def _tail_logits(m: LensModel, embeds: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits ``[B, k, V]`` of the last ``k`` positions only (``logits_to_keep=k`` when the model takes it)."""
+    if _keeps_last_logits(m):
+        return m.model(inputs_embeds=embeds, use_cache=False, logits_to_keep=k).logits[:, -k:]
+    return m.model(inputs_embeds=embeds, use_cache=False).logits[:, -k:]
+
+
 def _last_logits(m: LensModel, embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[B, V]`` at the last position only: the unembedding (and its backward) runs for one position
     instead of T (``logits_to_keep=1``), which is most of the saving for short prompts of small models."""
@@ -237,9 +244,10 @@ def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size):
     pos_t = torch.tensor([p - 1 for p, _ in targets], device=e.device)
     ys = torch.tensor([y for _, y in targets], device=e.device)
     fo = None if foil is None else torch.full_like(ys, foil)
+    tail = int(last - pos_t.min())            # only the positions that predict a target are unembedded
     with torch.no_grad():
-        full = _forward_embeds(m, e[None, :last])[0]
-        f0 = _objective(full[pos_t], ys, fo, objective)
+        full = _tail_logits(m, e[None, :last], tail)[0]
+        f0 = _objective(full[pos_t - (last - tail)], ys, fo, objective)
         base = None if baseline == "remove" else baseline_embedding(m, ids, baseline)[:last]
         scores = torch.full((len(targets), T_all - 1), float("nan"))
         for s in range(0, last, batch_size):
@@ -256,8 +264,9 @@ def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size):
                 batch = e[None, :last].repeat(len(idx), 1, 1)
                 for r, i in enumerate(idx):
                     batch[r, i] = base[i]
-                lg = _forward_embeds(m, batch)                     # [b, last, V]
-                fv = torch.stack([_objective(lg[r, pos_t], ys, fo, objective) for r in range(len(idx))])
+                lg = _tail_logits(m, batch, tail)                  # [b, tail, V]
+                fv = torch.stack([_objective(lg[r, pos_t - (last - tail)], ys, fo, objective)
+                                  for r in range(len(idx))])
             for r, i in enumerate(idx):
                 delta = (f0 - fv[r]).float().cpu()
                 for k, (p, _) in enumerate(targets):
