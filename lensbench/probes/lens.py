@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -348,7 +349,7 @@ def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, targ
         if not isinstance(lens, TunedLens):
             raise InputError("lens must be None (logit lens) or a TunedLens from lb.train_tuned_lens().")
         lens.check(m)
-    single = isinstance(text, str)
+    single = isinstance(text, (str, torch.Tensor))  # one string or one 1-D tensor of token ids
     shown = m.check_layers(layers)
     needed = sorted(set(shown) | {m.n_layers})
     chunk = _chunk_for(m, chunk_bytes)
@@ -438,6 +439,22 @@ def _hist_max(m: LensModel) -> dict[str, float]:
     return d
 
 
+def _read_cached(f: Path) -> dict[str, torch.Tensor] | None:
+    """A cached per-text result, or None if absent. A damaged file (an interrupted write that escaped the atomic
+    rename, a flipped byte) fails its checksum: it is never used, only reported and recomputed."""
+    if not f.exists():
+        return None
+    try:
+        st, meta = load_tensors(f)
+    except LensbenchError as e:
+        warnings.warn(f"ignoring a damaged cache file and recomputing it: {e}", stacklevel=3)
+        return None
+    if meta.get("kind") != "lens-sweep-text" or any(s not in st for s in STATS):
+        warnings.warn(f"ignoring {f}: not a lens-sweep cache entry; recomputing it", stacklevel=3)
+        return None
+    return st
+
+
 def _text_key(m: LensModel, ids: torch.Tensor, settings: dict) -> str:
     h = hashlib.sha256(json.dumps([m.name, m.n_layers, m.d_model, str(m.dtype), ids.tolist(), settings],
                                   sort_keys=True).encode())
@@ -495,8 +512,8 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
     for i, t in enumerate(texts):
         key = _text_key(m, t, settings)
         f = cache / f"{key}.safetensors" if cache else None
-        if f is not None and f.exists():
-            st, _ = load_tensors(f)
+        st = _read_cached(f) if f is not None else None
+        if st is not None:
             fold(st)
         else:
             todo.append((i, t, f))
