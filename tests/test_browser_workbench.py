@@ -10,9 +10,11 @@ README gallery (copies in ``docs/img/``)."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 try:  # plain `tests/` dir on sys.path (rootdir-relative import) or `tests` as a package
     from browser_harness import ACTIVE_NOTEBOOK, lab_server, skip_module_without_chromium, wait_for_plot_title
@@ -46,8 +48,33 @@ def _gallery(lab, root, name: str) -> None:
     """Screenshot of the Workbench element only (for the README gallery) plus the usual viewport one."""
     root.scroll_into_view_if_needed()
     lab.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    root.screenshot(path=str(lab.artifacts_dir / f"gallery-{name}.png"))
-    lab.screenshot(page=root.page, name=f"workbench-{name}")
+    root.screenshot(path=str(lab.artifacts_dir / f"gallery-workbench-{name}.png"))
+    lab.screenshot(root.page, f"workbench-{name}")
+
+
+def _nudged_wait(lab, page, root_sel: str, js: str, arg, what: str, timeout_s: float = 300.0) -> None:
+    """``page.wait_for_function(js, arg)``; every 20 s scroll ``root_sel`` into view and send a window resize
+    (plotly redraws on resize) — under heavy load the first draw of a FigureWidget can be lost (the same nudge as
+    tests/test_browser_lens.py). On failure save a screenshot and the plot markup."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            page.wait_for_function(js, arg=arg, timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            page.locator(root_sel).first.scroll_into_view_if_needed()
+            page.evaluate("window.dispatchEvent(new Event('resize'))")
+    lab.screenshot(page, "workbench-00-timeout")
+    svgs = page.evaluate("(sel) => Array.from(document.querySelectorAll(sel + ' .main-svg')).map("
+                         "s => s.outerHTML.slice(0, 400))", root_sel)
+    pytest.fail(f"{what} not seen in {root_sel} within {timeout_s:.0f} s; plot markup: {svgs}")
+
+
+def _wait_title(lab, page, root_sel: str, pattern: str) -> str:
+    js = ("([sel, pat]) => { const r = document.querySelector(sel); if (!r) return false;"
+          " return Array.from(r.querySelectorAll('.gtitle')).some(t => new RegExp(pat).test(t.textContent)); }")
+    _nudged_wait(lab, page, root_sel, js, [root_sel, pattern], f"a plot title matching {pattern!r}")
+    return wait_for_plot_title(page, root_sel, pattern)
 
 
 def _tab(page, name: str):
@@ -64,41 +91,41 @@ def test_workbench_type_switch_tabs_and_follow_the_lens_link(tmp_path):
         root = page.locator(WB).first
         root.wait_for(state="attached", timeout=WAIT_MS)
         page.locator(f"{LENS} .main-svg").first.wait_for(state="attached", timeout=WAIT_MS)
-        wait_for_plot_title(page, LENS, r"^logit lens", timeout_ms=WAIT_MS)
+        _wait_title(lab, page, LENS, r"^logit lens")
 
         # 1. type a sentence, press Run: the lens heatmap is redrawn for its tokens
         box = root.locator(".lb-wb-text textarea").first
         box.fill(SENTENCE)
         root.locator("button.lb-wb-run").first.click()
-        page.wait_for_function(f"(sel) => ({_JS_XTICKS})(sel).some(t => t.includes('Tower'))", arg=LENS,
-                               timeout=WAIT_MS)
+        _nudged_wait(lab, page, LENS, f"(sel) => ({_JS_XTICKS})(sel).some(t => t.includes('Tower'))", LENS,
+                     "the new sentence's tokens on the heatmap")
         page.wait_for_function(
             "(sel) => { const b = document.querySelector(sel); return b && !b.disabled; }",
             arg=f"{WB} button.lb-wb-run", timeout=WAIT_MS)  # the job ended
         assert not root.locator(".lb-wb-message").first.inner_text().strip(), "the app shows an error"
         assert "done" in root.locator(".lb-wb-progress-label").first.inner_text()
-        _gallery(lab, root, "workbench-lens")
+        _gallery(lab, root, "lens")
 
         # 2. switch tabs: geometry is built on first visit, then back to the lens
         _tab(page, "geometry").click()
         page.locator(f"{GEO} .main-svg").first.wait_for(state="attached", timeout=WAIT_MS)
-        wait_for_plot_title(page, GEO, r"^id per layer", timeout_ms=WAIT_MS)
-        _gallery(lab, root, "workbench-geometry")
+        _wait_title(lab, page, GEO, r"^id per layer")
+        _gallery(lab, root, "geometry")
         _tab(page, "lens").click()
         page.locator(f"{LENS} .noUi-handle").first.wait_for(state="visible", timeout=WAIT_MS)
 
         # 3. pick a position in the lens (two steps left of the last token) and follow the link to attribution
+        ticks = [t for t in page.evaluate(_JS_XTICKS, LENS) if re.match(r"^\d+:", t)]  # heatmap: "i:token"
+        p = len(ticks) - 3
+        assert p > 0, ticks
         handle = page.locator(f"{LENS} .lb-position-slider .noUi-handle").first
         handle.focus()
         page.keyboard.press("ArrowLeft")
         page.keyboard.press("ArrowLeft")
         link = root.locator("button.lb-wb-to-attribution").first
-        page.wait_for_function(
-            "(sel) => /Attribute position \\d+/.test(document.querySelector(sel).textContent)",
-            arg=f"{WB} button.lb-wb-to-attribution", timeout=WAIT_MS)
-        p = int(re.search(r"Attribute position (\d+)", link.inner_text()).group(1))
-        ticks = page.evaluate(_JS_XTICKS, LENS)
-        assert ticks and p == len(ticks) - 3, (p, ticks)
+        page.wait_for_function(  # the kernel saw the slider move: the link names the new position
+            "([sel, want]) => document.querySelector(sel).textContent.includes(want)",
+            arg=[f"{WB} button.lb-wb-to-attribution", f"Attribute position {p} "], timeout=WAIT_MS)
         link.click()
         page.locator(f"{ATT} .lb-attr-main span.lb-src").first.wait_for(state="attached", timeout=WAIT_MS)
         assert "lm-mod-current" in (_tab(page, "attribution").get_attribute("class") or "")
@@ -106,7 +133,7 @@ def test_workbench_type_switch_tabs_and_follow_the_lens_link(tmp_path):
         target = page.locator(f"{ATT} .lb-attr-main code").first.text_content()
         assert len(sources) == p + 1, (p, sources)
         assert SENTENCE.startswith("".join(sources) + target), (sources, target)
-        _gallery(lab, root, "workbench-attribution")
+        _gallery(lab, root, "attribution")
 
         assert not lab.cell_errors(page), "widget callbacks raised:\n\n" + "\n\n".join(lab.cell_errors(page))
         assert not lab.console_errors, "errors in the browser console:\n" + "\n".join(lab.console_errors)

@@ -94,6 +94,24 @@ def test_lens_position_jumps_to_its_criticality(tiny):
     assert wb.wait(60) and "prompt token" in wb.message.value
 
 
+def test_filler_tab_ablates_the_text(tiny):
+    m = tiny("llama")
+    opts = {"filler": {"items": lb.tasks.factual()[:2], "fillers": (" .",), "counts": (0, 4)}}
+    from lensbench.widgets import Workbench
+    text = " ".join([TEXT + "."] * 4)  # 28 words/punctuation marks: long enough to be ablated itself
+    wb = Workbench(m, text, tabs=["lens", "filler"], options=opts)
+    assert wb.wait(120)
+    wb.select_tab("filler")
+    assert wb.wait(300) and wb.message.value == "", wb.message.value
+    ex = wb.explorers["filler"]
+    assert ex.ablation is not None and ex.sweep is not None and ex.error.value == ""
+    assert len(ex.ablation.contexts) == 3 and text.startswith(ex.ablation.contexts[0]) and ex.ablation_fig.data
+    wb.run(TEXT)  # too short to ablate: shipped texts only, with a note instead of an error
+    assert wb.wait(300) and wb.message.value == "", wb.message.value
+    box = wb.explorers["filler"]
+    assert "too short" in box.children[0].value and TEXT not in box.children[1].ablation.contexts[0]
+
+
 def test_geometry_layer_shows_the_lens_at_that_layer_without_model_passes(tiny):
     m = tiny("llama")
     wb = _workbench(m)
@@ -110,6 +128,10 @@ def test_geometry_layer_shows_the_lens_at_that_layer_without_model_passes(tiny):
             shape = lens.heatmap.layout.shapes[0]  # the outlined cell follows the selection
             assert (shape.x0, shape.y0) == (1.5, layer - 0.5)
         assert wb.to_lens.description == "Lens at layer 2 →"
+        lens.show_layer(0)
+        wb.select_tab("geometry")
+        wb.to_lens.click()  # the link button: the lens at the layer picked in geometry, on the lens tab
+        assert wb.tabs.selected_index == 0 and lens.layer.value == 2
         wb.show_lens_layer(1)
         assert wb.tabs.selected_index == 0 and lens.layer.value == 1
         assert list(lens.topk_fig.data[0].x)[::-1] == pytest.approx(lens.results["logit"].top_probs[1, 2].tolist())

@@ -100,6 +100,23 @@ def _build_critical(wb: Workbench) -> W.Widget:
     return CriticalTokenExplorer(wb.m, prompt, response, checker=checker, positions=[0], **opts)
 
 
+def _build_filler(wb: Workbench) -> W.Widget:
+    """Token-class ablation on the text (plus shipped texts, for spread) and the filler sweep. The ablation scores
+    a continuation of each context, so a text of fewer than 24 words/punctuation marks is left out (a note says so)."""
+    import re
+
+    from .filler import FillerExplorer
+    long_enough = len(re.findall(r"\w+|[^\w\s]", wb.text)) >= 24
+    opts = {"texts": ([wb.text] if long_enough else []) + [t[:400] for t in lb.sample_texts(3 - long_enough)]}
+    opts.update(wb.options.get("filler", {}))
+    ex = FillerExplorer(wb.m, **opts)
+    if not long_enough and "texts" not in wb.options.get("filler", {}):
+        note = W.HTML("<small>The text is too short for the ablation (it scores a continuation): the ablation uses "
+                      "three shipped texts. Type 24+ words to include yours.</small>")
+        return W.VBox([note, ex])
+    return ex
+
+
 def _position_key(wb: Workbench) -> Hashable:
     return (id(wb.m), wb.text, wb.position)
 
@@ -110,6 +127,11 @@ EXPLORERS: dict[str, TabSpec] = {
     "geometry": TabSpec("geometry", _build_geometry),
     "attribution": TabSpec("attribution", _build_attribution, _position_key),
 }
+try:  # the filler-token explorer (issue 6) is a tab when it is installed
+    from .filler import FillerExplorer as _FE  # noqa: F401
+    EXPLORERS["filler"] = TabSpec("filler", _build_filler)
+except ImportError:  # pragma: no cover
+    pass
 try:  # the criticality explorer (issue 7) is a tab when it is installed
     from .critical import CriticalTokenExplorer as _CTE  # noqa: F401
     EXPLORERS["criticality"] = TabSpec("criticality", _build_critical, _position_key)
@@ -198,15 +220,18 @@ class Workbench(W.VBox):
 
         # ---- link buttons (pure UI until the target tab is built)
         self.to_attribution = W.Button(description="Attribute this position →", icon="arrow-right",
-                                       tooltip="explain the prediction at the selected lens position")
+                                       tooltip="explain the prediction at the selected lens position",
+                                       layout=W.Layout(width="auto"))
         self.to_attribution.add_class("lb-wb-to-attribution")
         self.to_attribution.on_click(lambda _b: self.jump_to_attribution())
         self.to_lens = W.Button(description="Lens at this layer →", icon="arrow-right",
-                                tooltip="show the logit lens at the layer picked here")
+                                tooltip="show the logit lens at the layer picked here",
+                                layout=W.Layout(width="auto"))
         self.to_lens.add_class("lb-wb-to-lens")
-        self.to_lens.on_click(lambda _b: self.show_lens_layer(self.layer if self.layer is not None else 0))
+        self.to_lens.on_click(lambda _b: self.show_lens_layer(self._geometry_layer()))
         self.to_critical = W.Button(description="Criticality of this token →", icon="arrow-right",
-                                    tooltip="rollouts keeping vs replacing the token at the selected lens position")
+                                    tooltip="rollouts keeping vs replacing the token at the selected lens position",
+                                    layout=W.Layout(width="auto"))
         self.to_critical.add_class("lb-wb-to-critical")
         self.to_critical.on_click(lambda _b: self.jump_to_criticality())
         self.link_bars = {"lens": [b for b, n in ((self.to_attribution, "attribution"),
@@ -396,11 +421,17 @@ class Workbench(W.VBox):
             self.explorers["lens"].show_layer(layer)  # no model pass
         self._update_links()
 
+    def _geometry_layer(self) -> int:
+        geo = self.explorers.get("geometry")
+        if geo is not None:
+            return int(geo.layer.value)
+        return self.layer if self.layer is not None else (self.m.n_layers if self.m is not None else 0)
+
     def _update_links(self) -> None:
         p = "last" if self.position is None else self.position
         self.to_attribution.description = f"Attribute position {p} →"
         self.to_critical.description = f"Criticality of token {p} →"
-        self.to_lens.description = f"Lens at layer {'…' if self.layer is None else self.layer} →"
+        self.to_lens.description = f"Lens at layer {self._geometry_layer()} →"
 
     # ------------------------------------------------------------------ jobs
     def _error(self, text: str, exc: BaseException | None = None) -> None:
