@@ -8,9 +8,6 @@ float32 from log-softmax, per chunk of positions on the model's device, so memor
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cache import ItemCache
 from ..capture import CaptureBatch, capture, tokenize, windows
 from ..errors import InputError, LensbenchError
 from ..model import LensModel
@@ -439,28 +437,6 @@ def _hist_max(m: LensModel) -> dict[str, float]:
     return d
 
 
-def _read_cached(f: Path) -> dict[str, torch.Tensor] | None:
-    """A cached per-text result, or None if absent. A damaged file (an interrupted write that escaped the atomic
-    rename, a flipped byte) fails its checksum: it is never used, only reported and recomputed."""
-    if not f.exists():
-        return None
-    try:
-        st, meta = load_tensors(f)
-    except LensbenchError as e:
-        warnings.warn(f"ignoring a damaged cache file and recomputing it: {e}", stacklevel=3)
-        return None
-    if meta.get("kind") != "lens-sweep-text" or any(s not in st for s in STATS):
-        warnings.warn(f"ignoring {f}: not a lens-sweep cache entry; recomputing it", stacklevel=3)
-        return None
-    return st
-
-
-def _text_key(m: LensModel, ids: torch.Tensor, settings: dict) -> str:
-    h = hashlib.sha256(json.dumps([m.name, m.n_layers, m.d_model, str(m.dtype), ids.tolist(), settings],
-                                  sort_keys=True).encode())
-    return h.hexdigest()[:24]
-
-
 def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9),
                batch_size: int | str = "auto", max_tokens_per_text: int | None = 512, cache_dir: str | None = None,
                progress: bool = True, chunk_bytes: int = 8 * 2**20) -> LensSweepResult:
@@ -487,9 +463,7 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
     layers = list(range(L + 1))
     S = len(STATS)
     settings = {"lens": None if lens is None else float(lens.A.sum()), "maxtok": max_tokens_per_text}
-    cache = Path(cache_dir) if cache_dir else None
-    if cache:
-        cache.mkdir(parents=True, exist_ok=True)
+    cache = ItemCache(cache_dir, kind="lens-sweep-text", required=STATS)
     sums = torch.zeros(S, L + 1, dtype=torch.float64)
     counts = torch.zeros(S, L + 1, dtype=torch.float64)
     hist = torch.zeros(S, L + 1, N_BINS, dtype=torch.float64)
@@ -510,13 +484,12 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
 
     todo = []
     for i, t in enumerate(texts):
-        key = _text_key(m, t, settings)
-        f = cache / f"{key}.safetensors" if cache else None
-        st = _read_cached(f) if f is not None else None
-        if st is not None:
-            fold(st)
+        key = cache.key(m.name, m.n_layers, m.d_model, str(m.dtype), t.tolist(), settings)
+        hit = cache.get(key)
+        if hit is not None:
+            fold(hit[0])
         else:
-            todo.append((i, t, f))
+            todo.append((i, t, key))
     bar = tqdm(total=len(todo), desc="lens sweep", disable=not progress or len(todo) <= 1, leave=False)
     # process in groups so the cache is written as texts finish (resumable)
     group = 8
@@ -524,10 +497,9 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
         part = todo[g: g + group]
         res = logit_lens(m, [t for _, t, _ in part], top_k=1, lens=lens, batch_size=batch_size, progress=False,
                          chunk_bytes=chunk_bytes)
-        for (_, _, f), r in zip(part, res):
+        for (_, _, key), r in zip(part, res):
             st = {s: getattr(r, s) for s in STATS}
-            if f is not None:
-                save_tensors(f, st, {"kind": "lens-sweep-text"})
+            cache.put(key, st)
             fold(st)
         bar.update(len(part))
     bar.close()
