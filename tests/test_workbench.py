@@ -205,6 +205,21 @@ def test_bad_input_shows_a_message_not_a_traceback(tiny, monkeypatch, tmp_path):
         wbm.Workbench(m, TEXT, tabs=["nope"])
 
 
+def test_model_loads_in_the_background_and_the_tabs_follow(saved_tiny, tiny):
+    from lensbench.widgets import Workbench
+    wb = Workbench(str(saved_tiny), TEXT, options=FAST)  # a directory: loaded by lb.load in the worker
+    assert wb.wait(120) and wb.message.value == "", wb.message.value
+    assert isinstance(wb.m, lb.LensModel) and wb.m.name == str(saved_tiny) and wb.model_box.value == str(saved_tiny)
+    lens = wb.explorers["lens"]
+    assert lens.m is wb.m  # the lens tab was built (after the load) on the loaded model
+    direct = lb.logit_lens(tiny("llama"), TEXT, progress=False)  # same weights (seed 0), loaded in memory
+    assert torch.allclose(lens.results["logit"].top_probs, direct.top_probs, atol=1e-5)
+    m2 = tiny("llama", torch.bfloat16)
+    wb.m = m2  # swapping the model object invalidates every tab key (id of the model)
+    wb.select_tab("lens")
+    assert wb.wait(120) and wb.explorers["lens"].m is m2
+
+
 def test_registered_explorer_becomes_a_tab(tiny, monkeypatch):
     import ipywidgets as W
     from lensbench.widgets import workbench as wbm
