@@ -156,8 +156,8 @@ class Workbench(W.VBox):
     """Every probe explorer in one app, linked.
 
     Args:
-        m: a :class:`lensbench.LensModel`; ``None``, ``"default"``, a hub id or a directory is loaded with
-            :func:`lensbench.load` in the background.
+        m: a :class:`lensbench.LensModel`; anything else :func:`lensbench.load` accepts (``None``/``"default"``,
+            a hub id, a directory, an nnsight ``LanguageModel``, a ``TransformerBridge``) is loaded in the background.
         text: the text every tab looks at.
         tuned: optional :class:`lensbench.TunedLens` for the lens tab's logit/tuned switch.
         geometry_texts: texts for the geometry tab (default: ``text`` plus three shipped sample texts).
@@ -200,7 +200,9 @@ class Workbench(W.VBox):
         self._last_ui = 0.0
 
         # ---- input row
-        self.model_box = W.Text(value=self.m.name if self.m is not None else (m or "default"), description="model",
+        shown = self.m.name if self.m is not None else (m if isinstance(m, str) else
+                                                         "default" if m is None else type(m).__name__)
+        self.model_box = W.Text(value=shown, description="model",
                                 placeholder="default, a hub id or a local directory", layout=W.Layout(width="420px"))
         self.load_button = W.Button(description="Load", icon="download")
         self.text_box = W.Textarea(value=text, description="text", layout=W.Layout(width="70%", height="56px"))
@@ -283,8 +285,12 @@ class Workbench(W.VBox):
             self.progress_label.value = "<small>cancelling…</small>"
 
     def load(self, model=None) -> bool:
-        """Load ``model`` (None/"default", a hub id or a directory) in the background, then run on the text."""
-        spec = None if model in (None, "", "default") else str(model).strip()
+        """Load ``model`` (None/"default", a hub id, a directory, or any object :func:`lensbench.load` takes)
+        in the background, then run on the text. Cancel takes effect once loading returns (the result is dropped)."""
+        if isinstance(model, str):
+            spec = None if model.strip() in ("", "default") else model.strip()
+        else:
+            spec = model
 
         def job():
             m = lb.load(spec)
@@ -293,7 +299,8 @@ class Workbench(W.VBox):
             self.model_box.value = m.name
             self._invalidate()
             return lambda: self.run()
-        return self._start(f"loading {spec or 'the default model'}", job)
+        what = spec if isinstance(spec, str) else ("the default model" if spec is None else type(spec).__name__)
+        return self._start(f"loading {what}", job)
 
     def run(self, text: str | None = None) -> bool:
         """Take the text box (or ``text``), forget stale tabs, and build the tab on screen."""
