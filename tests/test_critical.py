@@ -465,3 +465,14 @@ def test_stop_strings_end_continuations(tiny):
     head = m.tokenizer.decode(res.token_ids[:2].tolist())
     tails = [t[len(head):] for t in cont["keep"]]
     assert all(t.count("e") <= 1 and (t.endswith("e") or "e" not in t) for t in tails), tails
+
+
+def test_report_section(tiny, tmp_path):
+    from lensbench import report
+    assert report.critical_section in report.SECTIONS
+    m = tiny("llama")
+    ctx = {"texts": [], "prompt": "x", "max_tokens": 48, "outdir": tmp_path, "results": {}, "progress": False}
+    (title, body), = report.critical_section(m, ctx)
+    assert title.startswith("Critical tokens") and "lb-crit-tok" in body and "plotly" in body
+    saved = lb.Result.load(tmp_path / "critical_tokens.safetensors")
+    assert saved.n_samples == 3 and ctx["results"]["critical"]["evaluated"] == len(saved.evaluated)
