@@ -5,7 +5,7 @@ typeguard<=2.13.3, which clashes with transformer-lens in the main environment).
 
 ``job.json``: {"model_dir", "prompt", "target_text", "target_id", "prompt_ids", "repeats", "threads",
 "n_steps", "internal_batch_size", "reagent": {...}, "tmp"}. Writes the raw (granular, un-aggregated, un-normalised)
-attribution tensors per method and the best-of-``repeats`` wall time of each ``attribute`` call to ``out.json``.
+attribution tensors per method and the wall and process-CPU seconds of each ``attribute`` call to ``out.json``.
 
 ReAGent in inseq samples replacements with a POS-tag sampler whose vocabulary→tag table is built with nltk's
 tagger, downloaded at first use (impossible offline). The table is cached as a pickle; we pre-write that cache with
@@ -58,17 +58,18 @@ def main(job_path: str, out_path: str) -> None:
         t = time.perf_counter()
         model = inseq.load_model(model_dir, method, **load_kw)
         load_s = time.perf_counter() - t
-        times, res = [], None
+        times, cpu, res = [], [], None
         for r in range(reps if method != "reagent" else job.get("reagent_repeats", reps)):
             torch.manual_seed(job.get("seed", 0) + r)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             res = model.attribute(input_texts=prompt, generated_texts=gen, attributed_fn="probability",
                                   show_progress=False, **attr_kw)
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         seq = res.sequence_attributions[0]
         raw = seq.target_attributions  # decoder-only: [prefix+generated, n_generated, hidden] (granular)
         out["methods"][method] = {
-            "seconds": times, "load_s": load_s,
+            "seconds": times, "cpu_seconds": cpu, "load_s": load_s,
             "tokens": [t.token for t in seq.target],
             "ids": [int(t.id) for t in seq.target],
             "raw": raw[:, 0].float().tolist() if method != "reagent" else raw[:, 0, 0].float().tolist(),

@@ -61,10 +61,28 @@ def test_toy_model_only_token_j_matters(toy, method):
     assert s[2] > 0 and torch.all(s[torch.arange(len(s)) != 2] < 1e-6 * s[2] + 1e-9), s
 
 
-def test_toy_model_reagent_ranks_j_first(toy):
-    res = lb.attribute(toy, "hello world the fox jumps", method="reagent", max_steps=40, n_probes=8,
-                       keep_top_n=1, top_k=1, progress=False)
-    assert int(res.scores[0].argmax()) == 2
+@pytest.fixture(scope="module")
+def confident_toy():
+    """The toy with a sharp unembedding: p(y) ≈ 1. ReAGent's update 2·atanh(p(y|x) − p(y|x̃)) is bounded by p(y);
+    with the plain toy (p(y) of a few percent) the updates are smaller than the U(0, 1) initial scores and the
+    ranking is decided by the seed."""
+    toy = ToyLM(j=2)
+    with torch.no_grad():
+        toy.lm_head.weight.mul_(100.0)
+    return lb.load(toy, tiny_tokenizer())
+
+
+@pytest.mark.parametrize("replacement", ["uniform", "predictive"])
+def test_toy_model_reagent_ranks_j_first(confident_toy, replacement):
+    res0 = lb.attribute(confident_toy, "hello world the fox jumps", method="reagent", max_steps=1, n_probes=1,
+                        progress=False)
+    assert float(res0.f_value[0]) > -0.1  # log p(y) > -0.1: the toy is confident
+    for seed in (0, 1, 2):  # not a lucky initialisation: every seed, both replacement rules
+        res = lb.attribute(confident_toy, "hello world the fox jumps", method="reagent", max_steps=60, n_probes=8,
+                           keep_top_n=1, top_k=1, replacement=replacement, seed=seed, progress=False)
+        s = res.scores[0]
+        others = s[torch.arange(len(s)) != 2]
+        assert int(s.argmax()) == 2 and float(s[2]) > 2 * float(others.max()), (seed, s)
 
 
 def test_ig_completeness_gap_shrinks_with_steps(tiny):

@@ -460,10 +460,18 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
         generate: N > 0 generates N tokens greedily and attributes each to every token before it.
         objective: ``"logprob"`` (default), ``"logit"`` or ``"prob"`` of the target.
         n_steps: integrated-gradients steps (Gauss–Legendre nodes on [0, 1], as Captum's default).
-        baseline: IG/occlusion reference: ``"zero"`` embeddings (default, as Captum), ``"mean"``, ``"pad"``,
-            ``"unk"``, ``"bos"``, ``"eos"``, a token id or a tensor; occlusion also ``"remove"``. With a zero
-            baseline, pre-norm models make the IG path near-discontinuous at α=0; check ``completeness`` and
-            prefer ``"mean"`` or ``"pad"`` if the gap is large.
+        baseline: IG/occlusion reference: ``"zero"`` embeddings (default, as Captum), ``"mean"`` (the
+            vocabulary's mean embedding), ``"pad"``, ``"unk"``, ``"bos"``, ``"eos"``, a token id (``0`` reproduces
+            Captum's ``LayerIntegratedGradients`` default, whose baseline is input token 0, and inseq's unk-token
+            baseline for SmolLM2) or a tensor ``[d]``/``[T, d]``; occlusion also ``"remove"``.
+            Why two conventions exist: the design contract keeps Captum's zero baseline as the default, but in a
+            pre-norm model (RMSNorm/LayerNorm before every block, e.g. Llama/SmolLM2) the norm rescales α·e back
+            to unit size for any α > 0 while α = 0 gives the "empty" output, so the IG path is near-discontinuous
+            at α = 0 and completeness fails for any practical ``n_steps``. The attribution spec's variant — a
+            baseline whose path is smooth — is ``baseline="mean"`` (or ``"pad"``, or a tensor, e.g. the mean
+            embedding with the real first token kept in row 0 so the attention sink does not switch on and off
+            along the path; ``notebooks/03_attribution.ipynb`` compares these). Always read ``completeness``
+            (Σ attr − (F(x) − F(x'))) and distrust results whose gap is a sizeable fraction of F(x) − F(x').
         internal_batch_size: IG steps per forward/backward batch; batch_size: occlusion variants per forward.
         replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed, mlm: ReAGent settings —
             replacement ``"uniform"`` (vocabulary samples), ``"predictive"`` (the model's own next-token
