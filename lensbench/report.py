@@ -131,7 +131,7 @@ def filler_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
     abl = filler_ablation(m, texts, classes=("punctuation", "stopwords", "articles"), n_control=1 if quick else 2,
                           continuation_words=12, progress=False)
     abl.save(ctx["outdir"] / "filler_ablation.safetensors")
-    items = factual()[:: 40 if quick else 12][: 4 if quick else 12]
+    items = factual(style="cloze")[:: 40 if quick else 12][: 4 if quick else 12]
     sw = filler_sweep(m, items, fillers=(" .", "random_words"), counts=(0, 4, 16) if quick else (0, 8, 32),
                       progress=False)
     sw.save(ctx["outdir"] / "filler_sweep.safetensors")

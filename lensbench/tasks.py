@@ -181,10 +181,14 @@ def multi_hop(n_items: int, *, hops: int = 2, seed: int = 0) -> list[dict]:
     return items
 
 
-def factual(n: int | None = None, *, category: str | None = None) -> list[dict]:
+def factual(n: int | None = None, *, category: str | None = None, style: str = "qa") -> list[dict]:
     """The shipped short factual / cloze items (written for this project), each
-    ``{"question", "answer", "cloze", "meta": {"category"}}``: ``question`` is a ``"Q: …?"`` prompt,
-    ``cloze`` a sentence the answer completes. ``n`` limits the count; ``category`` filters."""
+    ``{"question", "answer", "cloze", "meta": {"category"}}``: ``question`` is a question (``"What is the
+    capital of France?"``), ``cloze`` a sentence the answer completes. ``style="cloze"`` puts the cloze in
+    ``question`` with ``template=""`` (the answer follows directly; SmolLM2-135M answers these far better than
+    the questions). ``n`` limits the count; ``category`` filters."""
+    if style not in ("qa", "cloze"):
+        raise InputError(f"style={style!r}; use 'qa' or 'cloze'.")
     path = resources.files("lensbench.data").joinpath("items", "factual.jsonl")
     items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if category is not None:
@@ -194,4 +198,6 @@ def factual(n: int | None = None, *, category: str | None = None) -> list[dict]:
         items = [it for it in items if it["meta"]["category"] == category]
     if n is not None:
         items = items[:_check(n, "n", 1)]
+    if style == "cloze":
+        items = [dict(it, question=it["cloze"], template="") for it in items]
     return items

@@ -85,6 +85,8 @@ def test_shipped_factual_items():
     assert len(lb.tasks.factual(5)) == 5
     caps = lb.tasks.factual(category="capitals")
     assert any(it["answer"] == " Paris" for it in caps)
+    cl = lb.tasks.factual(3, style="cloze")
+    assert cl[0]["question"] == items[0]["cloze"] and cl[0]["template"] == ""
 
 
 # --------------------------------------------------------------------------------------------- editing

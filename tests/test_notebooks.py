@@ -65,7 +65,20 @@ CI_PARAMETERS: dict[str, dict] = {
         "REAGENT_PROBES": 4,
         "EXPLORER_METHODS": ["saliency", "grad_x_input"],
     },
-    "04_filler_tokens.ipynb": {},  # issue 6: CI-sized overrides
+    "04_filler_tokens.ipynb": {
+        "N_TEXTS": 2,
+        "TEXT_CHARS": 500,
+        "N_CONTROL": 1,
+        "N_ITEMS": 6,
+        "COUNTS": [0, 8],
+        "FILLERS": [" .", "random_words"],
+        "N_ARITH": 4,
+        "SUM_LENGTH": 4,
+        "TRAIN_ITEMS": 200,
+        "TRAIN_STEPS": 10,
+        "EVAL_ITEMS": 100,
+        "PROBE_ITEMS": 60,
+    },
     "05_critical_tokens.ipynb": {
         "N_PROBLEMS": 3,  # Tom (right), Ben and the pencils (wrong) with the default model
         "MAX_ANSWER_TOKENS": 24,

@@ -41,7 +41,7 @@ class FillerExplorer(W.VBox):
                 self.ablation = lb.filler_ablation(m, texts, classes=classes, progress=False,
                                                    **(ablation_options or {}))
             if self.sweep is None:
-                items = items if items is not None else lb.tasks.factual()[::30][:8]
+                items = items if items is not None else lb.tasks.factual(style="cloze")[::30][:8]
                 self.sweep = lb.filler_sweep(m, items, fillers=fillers, counts=counts, progress=False,
                                              **(sweep_options or {}))
         except (lb.LensbenchError, ValueError) as e:
