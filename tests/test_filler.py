@@ -351,3 +351,17 @@ def test_bad_inputs(tiny32):
         with pytest.raises(lb.InputError):
             f()
             pytest.fail(f"case {i} did not raise")
+
+
+def test_ablation_item_template_is_never_edited(tiny32):
+    m = tiny32
+    item = {"question": "Hello, world. Is the fox quick?", "template": "\nAnswer:", "answer": " yes, it is"}
+    res = lb.filler_ablation(m, [item], classes=("punctuation",), n_control=1, progress=False)
+    assert res.edited[0][0] == "Hello world Is the fox quick"
+    assert res.continuations[0] == "\nAnswer: yes, it is"
+    q = m.encode(res.edited[0][0]).tolist()
+    tail = m.tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
+    ans = m.tokenizer(" yes, it is", add_special_tokens=False)["input_ids"]
+    lp, _ = _ref_logprob(m, q + tail + ans, len(ans))
+    assert res.loss_class[0, 0].item() == pytest.approx(-lp / len(ans), abs=1e-4)
+    assert torch.isfinite(res.correct_orig).all()

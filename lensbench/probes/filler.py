@@ -263,14 +263,16 @@ def _normalize_items(texts, param: str, *, continuation_words: int) -> list[dict
                                  f"continuation_words={continuation_words}; pass a longer text or a smaller "
                                  "continuation_words.")
             cut = units[len(units) - continuation_words][0]
-            out.append({"context": t[:cut], "continuation": t[cut:], "has_answer": False})
+            out.append({"context": t[:cut], "bridge": "", "continuation": t[cut:], "has_answer": False})
         elif isinstance(t, dict):
             q, a = t.get("question"), t.get("answer")
             if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
                 raise InputError(f"{param}[{i}] must have non-empty string 'question' and 'answer' fields, got "
                                  f"keys {sorted(t)}.")
             tmpl = t.get("template", "")
-            out.append({"context": q + tmpl, "continuation": a, "has_answer": True})
+            if not isinstance(tmpl, str):
+                raise InputError(f"{param}[{i}]['template'] must be a string.")
+            out.append({"context": q, "bridge": tmpl, "continuation": a, "has_answer": True})
         else:
             raise InputError(f"{param}[{i}] is a {type(t).__name__}; pass strings or dicts with 'question' and "
                              "'answer'.")
@@ -488,7 +490,8 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
     Args:
         m: the model. texts: strings (the last ``continuation_words`` units — words and punctuation marks — are
             the scored continuation, the rest the context) or items ``{"question", "answer"}`` (the question
-            is the context, the answer the scored span; accuracy = greedy exact match of the answer).
+            is the edited context, an item's ``template`` (default "") stays unedited between it and the answer, the
+            answer is the scored span; accuracy = greedy exact match of the answer).
         classes: class names from ``("punctuation", "stopwords", "articles", "commas")``; a tuple of names or a
             ``"+"``-joined name removes their union (``("punctuation", "stopwords")``).
         mode: ``"remove"``: drop the units and re-tokenise (LLM-Microscope style); ``"replace"``: replace every
@@ -536,12 +539,13 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
         ctx, cont = it["context"], it["continuation"]
         units = split_units(ctx)
         cont_ids = _ids(m, cont, bos=False, param="texts")
+        bridge = _ids(m, it["bridge"], bos=False, param="texts") if it["bridge"] else []
         ctx_ids, tok_units = _token_units(m, ctx, units)
         nctx[n] = len(ctx_ids)
         variants: dict[tuple, list] = {}   # ids -> [(key, ...)]: identical inputs are scored once
 
-        def add(ids, key, variants=variants, cont_ids=cont_ids):
-            variants.setdefault(tuple(ids) + tuple(cont_ids), []).append(key)
+        def add(ids, key, variants=variants, tail=tuple(bridge + cont_ids)):
+            variants.setdefault(tuple(ids) + tail, []).append(key)
 
         add(ctx_ids, ("orig",))
         for c, (_label, parts) in enumerate(cls):
@@ -603,7 +607,7 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
         loss_control=loss["ctrl"], correct_orig=corr["orig"], correct_class=corr["class"],
         correct_control=corr["ctrl"], frequency=freq, removed_tokens=rem, control_removed_tokens=crem,
         context_tokens=nctx, contexts=[it["context"] for it in items],
-        continuations=[it["continuation"] for it in items], edited=edited, removed_words=removed_words,
+        continuations=[it["bridge"] + it["continuation"] for it in items], edited=edited, removed_words=removed_words,
         control_edited=ctrl_edited, mode=mode,
         settings={"seed": seed, "n_control": S, "n_boot": n_boot, "ci": ci, "stopwords": sw_src,
                   "continuation_words": continuation_words, "replacement": replacement if mode == "replace" else "",
