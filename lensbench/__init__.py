@@ -65,4 +65,7 @@ __all__ += ["critical_tokens", "contrastive_tokens", "CriticalTokensResult", "Co
             "pass_at_k"]
 
 # --- contextual memory (issue 4): exports go here ---
+from .probes.memory import ContextualMemoryResult, contextual_memory  # noqa: E402
+
+__all__ += ["contextual_memory", "ContextualMemoryResult"]
 
