@@ -39,6 +39,9 @@ def test_lens_position_jumps_to_its_attribution(tiny, dtype):
     wb = _workbench(m)
     assert "lb-workbench" in wb._dom_classes and set(wb.explorers) == {"lens"}
     lens = wb.explorers["lens"]
+    # the heatmap's synced state holds the whole figure (a late-loading front end must not draw an empty plot)
+    assert len(lens.heatmap._widget_data) == 1
+    assert torch.allclose(torch.as_tensor(lens.heatmap._widget_data[0]["z"]), torch.as_tensor(lens.heatmap.data[0].z))
     toks = wb.tokens()
     assert lens.results["logit"].tokens == toks
     calls, h = _counter(m)

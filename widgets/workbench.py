@@ -23,6 +23,8 @@ import ipywidgets as W
 
 import lensbench as lb
 
+from ._figsync import sync_figure_widgets
+
 __all__ = ["Workbench", "TabSpec", "EXPLORERS", "register_explorer", "Cancelled"]
 
 
@@ -267,6 +269,10 @@ class Workbench(W.VBox):
         t = self._thread
         return t is not None and t.is_alive() and t is not threading.current_thread()
 
+    def _repr_mimebundle_(self, **kw):
+        sync_figure_widgets(self)
+        return super()._repr_mimebundle_(**kw)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the current job ends (scripts and tests); True if nothing is running any more."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -394,6 +400,7 @@ class Workbench(W.VBox):
         self._check_cancel()
         self.explorers[spec.name] = ex
         self._built[spec.name] = key
+        sync_figure_widgets(ex)  # the figures' full state travels with the view (no lost first draw)
         self.holders[spec.name].children = [ex]
         if spec.name == "lens":
             ex.position.observe(lambda c: self._on_lens_position(c["new"]), names="value")
