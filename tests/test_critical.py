@@ -201,14 +201,14 @@ def _letter_checker():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_seeded_and_chunk_independent(tiny, dtype):
     m = tiny("llama", dtype)
-    kw = dict(checker=_letter_checker(), n_samples=6, max_new_tokens=6, positions=[0, 4, 9], progress=False,
+    kw = dict(checker=_letter_checker(), n_samples=4, max_new_tokens=5, positions=[0, 9], progress=False,
               temperature=1.0)
-    a = lb.critical_tokens(m, PROMPT, RESPONSE, batch_size=12, seed=3, **kw)
-    b = lb.critical_tokens(m, PROMPT, RESPONSE, batch_size=5, seed=3, **kw)
-    c = lb.critical_tokens(m, PROMPT, RESPONSE, batch_size=12, seed=4, **kw)
+    a = lb.critical_tokens(m, PROMPT, RESPONSE, batch_size=8, seed=3, **kw)
+    b = lb.critical_tokens(m, PROMPT, RESPONSE, batch_size=3, seed=3, **kw)
+    c = lb.critical_tokens(m, PROMPT, RESPONSE, batch_size=8, seed=4, **kw)
     assert a == b, "identical seeds must give identical results whatever the batch chunking"
     assert [x["keep"] for x in a.continuations] != [x["keep"] for x in c.continuations]
-    assert a.evaluated == [0, 4, 9] and math.isnan(float(a.keep_acc[1]))
+    assert a.evaluated == [0, 9] and math.isnan(float(a.keep_acc[1]))
     assert all(0 <= float(a.keep_acc[i]) <= 1 for i in a.evaluated)
     for cont in a.continuations:  # every kept continuation starts with the response prefix incl. token i
         head = m.tokenizer.decode(a.token_ids[: cont["unit"] + 1].tolist())
@@ -219,7 +219,7 @@ def test_seeded_and_chunk_independent(tiny, dtype):
 
 def test_kv_cache_reuse_matches_generation_without_cache(tiny):
     m = tiny("llama")
-    kw = dict(checker=_letter_checker(), n_samples=4, max_new_tokens=8, positions=[2, 7], progress=False)
+    kw = dict(checker=_letter_checker(), n_samples=3, max_new_tokens=6, positions=[2, 7], progress=False)
 
     def no_cache(req):
         req.state = None
