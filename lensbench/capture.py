@@ -293,8 +293,12 @@ def mean_next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean cross-entropy (nats) of ``ids[1:]`` under ``logits[:-1]`` ([T, V]); NaN for a single token."""
     if len(ids) < 2:
         return float("nan")
-    lp = torch.log_softmax(logits[:-1].float(), -1)
-    return float(-lp.gather(-1, ids[1:, None].to(lp.device)).mean())
+    ids = ids.to(logits.device)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for sl in chunked(len(ids) - 1, positions_per_chunk(logits.shape[-1])):  # never a float [T, V] copy
+        lp = torch.log_softmax(logits[sl].float(), -1)
+        total += -lp.gather(-1, ids[sl.start + 1: sl.stop + 1, None])[:, 0].double().sum()
+    return float(total / (len(ids) - 1))
 
 
 def chunked(T: int, chunk: int):
