@@ -18,6 +18,8 @@ import plotly.graph_objects as go
 import lensbench as lb
 from lensbench.probes.critical import critical_figure
 
+from ._figsync import sync_figure_widgets
+
 COLOURINGS = {
     "rollout drop": "criticality",
     "keep − replace": "counterfactual_importance",
@@ -75,6 +77,10 @@ class CriticalTokenExplorer(W.VBox):
         self.add_class("lb-critical-explorer")
         if self.result is not None:
             self._build()
+
+    def _repr_mimebundle_(self, **kw):
+        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
+        return super()._repr_mimebundle_(**kw)
 
     # ---- construction
     def _build(self) -> None:
