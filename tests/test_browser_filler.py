@@ -50,8 +50,13 @@ def test_filler_explorer_renders_and_reacts():
         root_el = page.locator(ROOT).first
         root_el.wait_for(state="attached", timeout=120_000)
         root_el.locator(".main-svg").first.wait_for(state="attached", timeout=180_000)
-        wait_for_plot_title(page, ROOT, r"^filler ablation")
-        before = wait_for_plot_title(page, ROOT, r"^filler sweep · Δ log p")
+        try:
+            wait_for_plot_title(page, ROOT, r"filler ablation", timeout_ms=300_000)
+            before = wait_for_plot_title(page, ROOT, r"filler sweep · Δ log p", timeout_ms=300_000)
+        except Exception:
+            lab.screenshot(page, "filler-00-no-title")
+            raise AssertionError(f"plot titles shown: {plot_titles(page, ROOT)}; svgs: "
+                                 f"{root_el.locator('.main-svg').count()}") from None
         root_el.locator(".lb-filler-textview del.lb-filler-removed").first.wait_for(state="attached",
                                                                                     timeout=120_000)
         removed_before = page.evaluate(_JS_REMOVED, ROOT)
@@ -60,7 +65,7 @@ def test_filler_explorer_renders_and_reacts():
         lab.screenshot(page, "filler-01-rendered")
 
         root_el.locator(".lb-filler-sweep-metric select").first.select_option(label="exact match")
-        after = wait_for_plot_title(page, ROOT, r"^filler sweep · greedy exact match")
+        after = wait_for_plot_title(page, ROOT, r"filler sweep · greedy exact match", timeout_ms=300_000)
         assert after != before
         assert before not in plot_titles(page, ROOT), "the old sweep title is still shown"
         lab.screenshot(page, "filler-02-metric")

@@ -13,6 +13,8 @@ import plotly.graph_objects as go
 
 import lensbench as lb
 
+from ._figsync import sync_figure_widgets
+
 
 class FillerExplorer(W.VBox):
     """Explore :func:`lensbench.filler_ablation` and :func:`lensbench.filler_sweep` results.
@@ -79,14 +81,18 @@ class FillerExplorer(W.VBox):
         self.draw_sweep()
         self.draw_text()
 
+    def _repr_mimebundle_(self, **kw):
+        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
+        return super()._repr_mimebundle_(**kw)
+
     @staticmethod
     def _set(target: go.FigureWidget, fig: go.Figure) -> None:
         with target.batch_update():
             target.data = []
             for tr in fig.data:
                 target.add_trace(tr)
+            fig.layout.width = 560
             target.layout = fig.layout
-            target.layout.width = 560
 
     def draw_ablation(self) -> None:
         if self.ablation is not None:
