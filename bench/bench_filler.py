@@ -11,7 +11,8 @@ Three ways to compute the same numbers on the default model (SmolLM2-135M-Instru
   template + answer (what a naive loop does);
 * ``scratch-batched``: all arms of an item as one right-padded batch from scratch (a stronger baseline).
 
-The identity (reuse == scratch within 2e-4 nats) is checked and reported. Takes about 1-2 minutes.
+The identity (reuse == scratch within 2e-4 nats) is checked and reported. Takes about 1-2 minutes on an idle
+2-core machine (much longer on a loaded one). Timings are interleaved per item.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import sys
 import time
 import warnings
@@ -32,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=4)
+    ap.add_argument("--items", type=int, default=3)
     ap.add_argument("--counts", type=int, nargs="+", default=[0, 8, 32, 128])
     ap.add_argument("--fillers", nargs="+", default=[" .", "counting", "random_words"])
     ap.add_argument("--threads", type=int, default=2)
@@ -46,26 +48,31 @@ def main(argv=None) -> int:
     items = lb.tasks.factual()[::37][: args.items]
     kw = dict(fillers=tuple(args.fillers), counts=tuple(args.counts), progress=False)
     lb.filler_sweep(m, items[:1], **kw)  # warm-up
-    t0 = time.perf_counter()
-    a = lb.filler_sweep(m, items, **kw)
-    t_reuse = time.perf_counter() - t0
-    print(f"reuse {t_reuse:.1f}s", flush=True)
-    t0 = time.perf_counter()
-    b = lb.filler_sweep(m, items, reuse_cache=False, **kw)
-    t_scratch = time.perf_counter() - t0
-    print(f"scratch {t_scratch:.1f}s", flush=True)
-    # batched from-scratch baseline: every arm of an item in one padded batch
-    t0 = time.perf_counter()
+    # interleaved per item (reuse, scratch, scratch-batched) so that load changes on a shared machine hit all three
+    t_reuse = t_scratch = t_batched = 0.0
+    parts_a, parts_b = [], []
     for i, it in enumerate(items):
+        t0 = time.perf_counter()
+        parts_a.append(lb.filler_sweep(m, [it], **kw))
+        t_reuse += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        parts_b.append(lb.filler_sweep(m, [it], reuse_cache=False, **kw))
+        t_scratch += time.perf_counter() - t0
+        t0 = time.perf_counter()
         q = m.encode(it["question"]).tolist()
         t = m.tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
         ans = m.tokenizer(it["answer"], add_special_tokens=False)["input_ids"]
         seqs = [q + t + ans]
         for kind in args.fillers:
-            full = F._filler_ids(m, kind, max(args.counts), it, __import__("random").Random(f"0:{i}:{kind}"))
+            full = F._filler_ids(m, kind, max(args.counts), it, random.Random(f"0:0:{kind}"))
             seqs += [q + full[:c] + t + ans for c in args.counts if c]
         F._score_batch(m, seqs, [len(ans)] * len(seqs), batch_size=len(seqs))
-    t_batched = time.perf_counter() - t0
+        t_batched += time.perf_counter() - t0
+        print(f"item {i}: reuse {t_reuse:.1f}s scratch {t_scratch:.1f}s batched {t_batched:.1f}s", flush=True)
+    a = type(parts_a[0])(**{**parts_a[0].__dict__, "logprob": torch.cat([p.logprob for p in parts_a], -1),
+                            "correct": torch.cat([p.correct for p in parts_a], -1)})
+    b = type(parts_b[0])(**{**parts_b[0].__dict__, "logprob": torch.cat([p.logprob for p in parts_b], -1),
+                            "correct": torch.cat([p.correct for p in parts_b], -1)})
     diff = float((a.logprob - b.logprob).abs().max())
     same_em = bool(torch.equal(a.correct, b.correct))
     n = len(items)
