@@ -275,7 +275,7 @@ def test_sweep_default_model_cache_identity_and_paris(default_model):
     m = default_model
     items = [{"question": "The capital of France is", "answer": " Paris", "template": ""},
              {"question": "What is the capital of Italy?", "answer": " Rome"}]
-    kw = dict(fillers=(" .", "random_words"), counts=(0, 4, 16), progress=False)
+    kw = dict(fillers=(" .", "random_words"), counts=(0, 8), progress=False)
     a = lb.filler_sweep(m, items, **kw)
     b = lb.filler_sweep(m, items, reuse_cache=False, **kw)
     assert torch.allclose(a.logprob, b.logprob, atol=2e-4, rtol=0)
