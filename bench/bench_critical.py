@@ -99,6 +99,8 @@ def bench_scan(m, prompt, response, n_samples, new_tokens, full_budget_s):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap.add_argument("--out", default=None, help="results file (default: bench/RESULTS-critical.md, or "
+                    "bench/.tmp/RESULTS-critical-quick.md with --quick)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t_start = time.perf_counter()
@@ -164,6 +166,7 @@ def main(argv=None) -> None:
         "",
     ]
     out = (HERE / "RESULTS-critical.md") if not args.quick else (HERE / ".tmp" / "RESULTS-critical-quick.md")
+    out = Path(args.out) if args.out else out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print(f"wrote {out} ({total:.0f} s)")
