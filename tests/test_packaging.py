@@ -52,7 +52,8 @@ def test_wheel_installs_library_and_widgets(tmp_path):
             "from lensbench.widgets import LogitLensExplorer; "
             f"assert 'site-packages' in lensbench.__file__ and str(lensbench.__file__).startswith({str(venv)!r}), lensbench.__file__; "
             f"assert lensbench.widgets.__file__.startswith({str(venv)!r}); "
-            "assert len(lensbench.sample_texts()) >= 20; print('ok')")
+            "assert len(lensbench.sample_texts()) >= 20; "
+            "import lensbench.tasks as t; assert len(t.factual(200)) == 200; print('ok')")
     out = subprocess.run([str(vpy), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
