@@ -15,6 +15,8 @@ import plotly.graph_objects as go
 import lensbench as lb
 from lensbench.plots import attribution_figure, attribution_html
 
+from ._figsync import sync_figure_widgets
+
 DEFAULT_METHODS = ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "rollout")
 
 
@@ -67,6 +69,10 @@ class AttributionExplorer(W.VBox):
                           W.HBox([self.faith_button]), self.faith])
         self.add_class("lb-attribution-explorer")
         self.redraw()
+
+    def _repr_mimebundle_(self, **kw):
+        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
+        return super()._repr_mimebundle_(**kw)
 
     @property
     def target(self) -> int:

@@ -16,6 +16,8 @@ import plotly.graph_objects as go
 
 import lensbench as lb
 
+from ._figsync import sync_figure_widgets
+
 VIEWS = [("ID profile", "id"), ("neighbourhood overlap", "overlap"), ("cosine similarity", "cosine"),
          ("anisotropy", "anisotropy"), ("linearity per layer", "linearity"),
          ("per-token nonlinearity", "nonlinearity"), ("shuffled vs original", "shuffle"),
@@ -63,6 +65,10 @@ class GeometryExplorer(W.VBox):
         super().__init__([W.HBox([self.view, self.estimator, self.scale]), self.layer, self.error, self.fig])
         self.add_class("lb-geometry-explorer")
         self.redraw()
+
+    def _repr_mimebundle_(self, **kw):
+        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
+        return super()._repr_mimebundle_(**kw)
 
     def measure(self, name: str) -> lb.GeometryResult:
         """A per-prompt measure from the held capture (memoised)."""

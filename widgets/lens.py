@@ -16,6 +16,8 @@ import lensbench as lb
 from lensbench.plots import lens_heatmap, lens_heatmap_data
 from lensbench.probes.lens import STAT_LABELS, TunedLens
 
+from ._figsync import sync_figure_widgets
+
 STAT_CHOICES = [(STAT_LABELS[k], k) for k in
                 ("top1_prob", "entropy", "kl_to_final", "ce_next", "top1_confidence", "target_prob", "target_rank")]
 
@@ -77,6 +79,10 @@ class LogitLensExplorer(W.VBox):
                                             side]), self.compare_box_widget])
         self.add_class("lb-lens-explorer")
         self.run()
+
+    def _repr_mimebundle_(self, **kw):
+        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
+        return super()._repr_mimebundle_(**kw)
 
     # ---- model work (only on a new text)
     def _compute(self, text: str) -> dict[str, lb.LensResult]:
