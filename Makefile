@@ -41,7 +41,11 @@ bench: setup
 	test -x .venv-bench/bin/python || { $(PYTHON) -m venv .venv-bench && .venv-bench/bin/pip install -q dadapy "numpy<2"; }
 	$(PY) bench/run.py
 	$(PY) bench/bench_geometry.py
+	test -x .venv-inseq/bin/python || { $(PYTHON) -m venv .venv-inseq && .venv-inseq/bin/pip install -q torch==2.13.0 inseq; }
 	$(PY) bench/bench_attribution.py
+	$(PY) bench/bench_filler.py
+	$(PY) bench/bench_critical.py
+	$(PY) bench/bench_long_context.py
 
 support-table: setup
 	$(PY) scripts/support_table.py

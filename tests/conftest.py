@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one torch thread per xdist worker (`-n 2` on 2 cores: 2 workers x 2 OpenMP threads spin-wait on each other)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 import lensbench as lb  # noqa: E402
 from lensbench.testing import ARCHITECTURES, tiny_model  # noqa: E402
