@@ -58,10 +58,13 @@ class LogitLensExplorer(W.VBox):
         self.position = W.IntSlider(description="position", min=0, max=0, value=0, continuous_update=False)
         self.error = W.HTML("")
         self.status = W.HTML("")
-        self.heatmap = go.FigureWidget(layout={"autosize": True})
-        self.topk_fig = go.FigureWidget(layout={"width": 330, "height": 380})
-        self.compare_heatmap = go.FigureWidget(layout={"autosize": True})
-        self.compare_box_widget = W.Box([self.compare_heatmap], layout=W.Layout(display="none"))
+        # plain figures first: the first run draws into them, and only then are they wrapped as FigureWidgets, so
+        # the first draw travels in the widgets' initial state (comm open) — no transient trace message that a
+        # front end still loading plotly's JavaScript could miss (the "empty plot under load" of the browser test)
+        self.heatmap = go.Figure(layout={"autosize": True})
+        self.topk_fig = go.Figure(layout={"width": 330, "height": 380})
+        self.compare_heatmap = go.Figure(layout={"autosize": True})
+        self.compare_box_widget = W.Box([], layout=W.Layout(display="none"))
         for w, cls in ((self.layer, "lb-layer-slider"), (self.position, "lb-position-slider"),
                        (self.target, "lb-target-box"), (self.stat, "lb-stat"), (self.run_button, "lb-run")):
             w.add_class(cls)
@@ -71,6 +74,10 @@ class LogitLensExplorer(W.VBox):
         self.target.observe(lambda _c: self._retarget(), names="value")
         self.layer.observe(lambda _c: self._draw_topk(), names="value")
         self.position.observe(lambda _c: self._draw_topk(), names="value")
+        self.run()
+        self.heatmap, self.topk_fig, self.compare_heatmap = (
+            go.FigureWidget(f) for f in (self.heatmap, self.topk_fig, self.compare_heatmap))
+        self.compare_box_widget.children = (self.compare_heatmap,)
         controls = W.VBox([W.HBox([self.text_box, self.run_button]), self.compare_box,
                            W.HBox([self.stat, self.target, self.lens_switch], layout=W.Layout(flex_flow="row wrap")),
                            self.error, self.status])
@@ -78,7 +85,6 @@ class LogitLensExplorer(W.VBox):
         super().__init__([controls, W.HBox([W.Box([self.heatmap], layout=W.Layout(flex="1 1 auto", min_width="0")),
                                             side]), self.compare_box_widget])
         self.add_class("lb-lens-explorer")
-        self.run()
 
     def _repr_mimebundle_(self, **kw):
         sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
