@@ -324,8 +324,12 @@ def pca_dim(X, var: float = 0.9) -> int:
     if not 0 < var <= 1:
         raise InputError("var must be in (0, 1].")
     X = as_points(X)
+    if X.shape[0] < 2:
+        raise InputError(f"PCA needs at least 2 points, got N={X.shape[0]}.")
     Xc = X - X.mean(0)
     s = torch.linalg.svdvals(Xc) ** 2
+    if float(s.sum()) == 0:
+        return 0  # identical points span no direction
     frac = torch.cumsum(s, 0) / s.sum()
     return int((frac < var - 1e-12).sum().item() + 1)
 

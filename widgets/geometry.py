@@ -52,13 +52,18 @@ class GeometryExplorer(W.VBox):
         self.k = k
         for w, cls in ((self.view, "lb-geo-view"), (self.estimator, "lb-geo-estimator"), (self.layer, "lb-geo-layer")):
             w.add_class(cls)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.capture = m.capture(texts, progress=False)
-            self.prompt = prompt or self.capture.texts[0]
-            self.linearity = lb.linearity(m, self.capture, prompt=self.prompt, progress=False)
-            self.shuffle = (lb.shuffle_baseline(m, self.prompt, levels=tuple(shuffle_levels), progress=False)
-                            if shuffle_levels else None)
+        self.capture, self.prompt, self.linearity, self.shuffle = None, prompt or "", None, None
+        try:  # bad input is shown in the explorer, never raised into the notebook
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.capture = m.capture(texts, progress=False)
+                self.prompt = prompt or self.capture.texts[0]
+                self.linearity = lb.linearity(m, self.capture, prompt=self.prompt, progress=False)
+                self.shuffle = (lb.shuffle_baseline(m, self.prompt, levels=tuple(shuffle_levels), progress=False)
+                                if shuffle_levels else None)
+        except (lb.LensbenchError, ValueError) as e:
+            self.capture = None
+            self._startup_error = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
         self._cache: dict = {}
         for w in (self.view, self.estimator, self.scale, self.layer):
             w.observe(lambda _c: self.redraw(), names="value")
@@ -112,6 +117,9 @@ class GeometryExplorer(W.VBox):
         return fig
 
     def redraw(self) -> None:
+        if self.capture is None:  # the texts were refused at construction: keep showing why
+            self.error.value = getattr(self, "_startup_error", "")
+            return
         self.error.value = ""
         try:
             new = self._figure()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, LensbenchError
 from ..model import LensModel
 from ..results import Result
 
@@ -482,9 +482,14 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
         raise InputError(f"method={method!r} is unknown; choose one of {METHODS}.")
     if objective not in ("logprob", "logit", "prob"):
         raise InputError("objective must be 'logprob', 'logit' or 'prob'.")
-    if method == "integrated_gradients" and (isinstance(n_steps, bool) or not isinstance(n_steps, int)
-                                             or n_steps < 1):
-        raise InputError("n_steps must be a positive int.")
+    for name, v in (("n_steps", n_steps), ("internal_batch_size", internal_batch_size), ("batch_size", batch_size),
+                    ("top_k", top_k), ("keep_top_n", keep_top_n), ("max_steps", max_steps), ("n_probes", n_probes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{name} must be a positive int, got {v!r}.")
+    if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
+        raise InputError(f"generate must be an int >= 0 (tokens to generate and attribute), got {generate!r}.")
+    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise InputError(f"ratio must be in (0, 1) (ReAGent's fraction of tokens replaced per step), got {ratio!r}.")
     if replacement not in ("uniform", "predictive", "mlm") or (replacement == "mlm" and mlm is None):
         raise InputError("replacement must be 'uniform', 'predictive' or 'mlm' (with mlm=callable).")
     full, targets = _resolve_targets(m, text, target, generate, add_bos)
@@ -512,6 +517,10 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
                                     n_probes=n_probes, seed=seed, mlm=mlm, progress=progress)
     bar.update(1)
     bar.close()
+    if not torch.isfinite(scores).all() or not torch.isfinite(f).all():
+        raise LensbenchError(
+            f"non-finite {method} scores (NaN/inf in the model's activations, e.g. a bfloat16/float16 overflow); "
+            "reload the model with dtype='float32'.")
     toks = m.to_str_tokens(full)
     settings = {"n_steps": n_steps, "baseline": baseline if isinstance(baseline, (str, int)) else "tensor",
                 "generate": generate}
