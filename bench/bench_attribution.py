@@ -36,27 +36,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from run import cpu_jiffies, foreign_cpu  # bench/run.py (this script's folder is on sys.path)
 
 import lensbench as lb
 from lensbench.model import default_model_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return sum(v) - idle, sum(v)
-
-
-def foreign_cpu(j0, j1, own_cpu_s: float) -> float:
-    """Cores' worth of CPU used by other processes between two cpu_jiffies() readings."""
-    tick = os.sysconf("SC_CLK_TCK")
-    busy = (j1[0] - j0[0]) / tick
-    wall = (j1[1] - j0[1]) / tick / (os.cpu_count() or 1)
-    return max(0.0, busy - own_cpu_s) / max(wall, 1e-9)
 
 
 class Timer:

@@ -31,11 +31,9 @@ import dataclasses
 import hashlib
 import html
 import inspect
-import json
 import math
 import os
 import re
-import tempfile
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,6 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..cache import read_json, write_json_atomic
 from ..errors import InputError, LensbenchError
 from ..model import LensModel, check_text
 from ..results import Result
@@ -586,26 +585,6 @@ def model_sentence_embedder(m: LensModel, layer: int | None = None) -> Callable[
     return embed
 
 
-# ============================================================================================ on-disk cache
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # a damaged record is recomputed
-
-
 # ============================================================================================ the probe
 def _settings(temperature, top_p, max_new_tokens, stop) -> dict:
     if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -781,11 +760,11 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
         if name in memo:
             return memo[name]
         path = cdir / f"{name}.json" if cdir is not None else None
-        rec = _read_json(path) if path is not None and path.exists() else None
+        rec = read_json(path) if path is not None and path.exists() else None
         if rec is None:
             rec = fn()
             if path is not None:
-                _write_json_atomic(path, rec)
+                write_json_atomic(path, rec)
         memo[name] = rec
         return rec
 

@@ -286,6 +286,18 @@ def _check_int(v, name: str, lo: int = 0) -> int:
 
 
 # --------------------------------------------------------------------------------------------- ablation
+
+def _summary_frame(summary: list[dict]):
+    """A DataFrame of summary rows, each ``(lo, hi)`` confidence interval ``x_ci`` split into ``x_ci_lo``/``x_ci_hi``."""
+    import pandas as pd
+    rows = []
+    for r in summary:
+        r = dict(r)
+        for k in [k for k in r if k.endswith("_ci")]:
+            r[k + "_lo"], r[k + "_hi"] = r.pop(k)
+        rows.append(r)
+    return pd.DataFrame(rows)
+
 @dataclasses.dataclass(eq=False)
 class FillerAblationResult(Result):
     """Token-class ablation of contexts, scored on an unedited continuation / answer span.
@@ -362,15 +374,7 @@ class FillerAblationResult(Result):
         return rows
 
     def to_dataframe(self):
-        import pandas as pd
-        rows = []
-        for r in self.summary():
-            r = dict(r)
-            for k in [k for k in r if k.endswith("_ci")]:
-                lo, hi = r.pop(k)
-                r[k + "_lo"], r[k + "_hi"] = lo, hi
-            rows.append(r)
-        return pd.DataFrame(rows)
+        return _summary_frame(self.summary())
 
     def figure(self, metric: str = "delta_loss"):
         """Bars per class (class removal vs random control) with bootstrap CIs; ``metric``: ``"delta_loss"`` or
@@ -667,15 +671,7 @@ class FillerSweepResult(Result):
         return rows
 
     def to_dataframe(self):
-        import pandas as pd
-        rows = []
-        for r in self.summary():
-            r = dict(r)
-            for k in [k for k in r if k.endswith("_ci")]:
-                lo, hi = r.pop(k)
-                r[k + "_lo"], r[k + "_hi"] = lo, hi
-            rows.append(r)
-        return pd.DataFrame(rows)
+        return _summary_frame(self.summary())
 
     def figure(self, metric: str = "delta_logprob", kinds: Sequence[str] | None = None):
         """Curves per filler kind against N with bootstrap CI bands; ``metric``: ``"delta_logprob"``,

@@ -116,9 +116,10 @@ def _lens_stats(m: LensModel, hidden: dict[int, torch.Tensor], layers: list[int]
     target = target.to(dev)
     nxt = torch.full((T,), -1, dtype=torch.long, device=dev)
     nxt[:-1] = ids[1:]
-    out = {k: torch.empty(n, T, dtype=torch.float32) for k in STATS + ("logsumexp",)}
-    top_ids = torch.empty(n, T, top_k, dtype=torch.long)
-    top_probs = torch.empty(n, T, top_k, dtype=torch.float32)
+    # results stay on the device until the end: one transfer per text, no host sync per layer and chunk
+    out = {k: torch.empty(n, T, dtype=torch.float32, device=dev) for k in STATS + ("logsumexp",)}
+    top_ids = torch.empty(n, T, top_k, dtype=torch.long, device=dev)
+    top_probs = torch.empty(n, T, top_k, dtype=torch.float32, device=dev)
     plain = lens is None and apply_final_norm          # layer L's readout is then the model's own logits
     jL = layers.index(L) if plain and L in layers else None
     # rows of the grouped matmuls as (index in `layers` or None, layer); the final layer first (KL needs it)
@@ -143,21 +144,21 @@ def _lens_stats(m: LensModel, hidden: dict[int, torch.Tensor], layers: list[int]
                 raise LensbenchError(
                     f"non-finite log-probs at layer {layers[j]} (NaN/inf in the hidden states, e.g. a bfloat16/"
                     "float16 overflow); reload the model with dtype='float32'.")
-            out["logsumexp"][j, s:e] = lse.cpu()
+            out["logsumexp"][j, s:e] = lse
             p = lp.exp()
-            out["entropy"][j, s:e] = (-_rowdot(p, lp)).cpu()
+            out["entropy"][j, s:e] = -_rowdot(p, lp)
             del p
-            out["kl_to_final"][j, s:e] = (fin["neg_h"] - _rowdot(fin["p"], lp)).clamp_min(0).cpu()
+            out["kl_to_final"][j, s:e] = (fin["neg_h"] - _rowdot(fin["p"], lp)).clamp_min(0)
             tv, ti = lp.topk(top_k, -1)
-            top_ids[j, s:e] = ti.cpu()
-            top_probs[j, s:e] = tv.exp().cpu()
-            out["top1_confidence"][j, s:e] = (-tv[:, 0]).cpu()
+            top_ids[j, s:e] = ti
+            top_probs[j, s:e] = tv.exp()
+            out["top1_confidence"][j, s:e] = -tv[:, 0]
             t_lp = lp.gather(-1, tgt0)[:, 0]
-            out["target_prob"][j, s:e] = torch.where(has_t, t_lp.exp(), torch.nan).cpu()
+            out["target_prob"][j, s:e] = torch.where(has_t, t_lp.exp(), torch.nan)
             rank = (lp > t_lp[:, None]).sum(-1, dtype=torch.int32).float()
-            out["target_rank"][j, s:e] = torch.where(has_t, rank, torch.nan).cpu()
+            out["target_rank"][j, s:e] = torch.where(has_t, rank, torch.nan)
             n_lp = lp.gather(-1, nx0)[:, 0]
-            out["ce_next"][j, s:e] = torch.where(has_n, -n_lp, torch.nan).cpu()
+            out["ce_next"][j, s:e] = torch.where(has_n, -n_lp, torch.nan)
 
         if not plain:  # a tuned lens / no final norm: the reference is still the model's own output
             set_final(m.unembed(hidden[L][s:e]))
@@ -178,8 +179,9 @@ def _lens_stats(m: LensModel, hidden: dict[int, torch.Tensor], layers: list[int]
                 lp = torch.log_softmax(z, -1)
                 stats(j, lp, z[:, 0] - lp[:, 0])
             del Z
-    out["top_ids"] = top_ids
-    out["top_probs"] = top_probs
+    out = {k: v.cpu() for k, v in out.items()}
+    out["top_ids"] = top_ids.cpu()
+    out["top_probs"] = top_probs.cpu()
     if keep_hidden:
         out["hidden"] = torch.stack([(lens.apply(hidden[la], la) if lens is not None else hidden[la]).float().cpu()
                                      for la in layers])
