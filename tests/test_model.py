@@ -159,3 +159,24 @@ def test_import_does_not_pull_jupyter():
     code = ("import sys, lensbench; bad=[m for m in ('ipywidgets','IPython','jupyterlab','nnsight',"
             "'transformer_lens','lensbench.widgets') if m in sys.modules]; print(bad); assert not bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_default_model_says_what_it_is(default_model):
+    """The embedded model is a Q4_1 GGUF de-quantised to float32, and its name says so (issue 13, item 8)."""
+    assert "Q4_1" in default_model.name and "float32" in default_model.name
+    assert lb.load(default_model.name, validate=False).fingerprint == default_model.fingerprint
+
+
+def test_fingerprint_keys_weights_not_names(saved_tiny):
+    """Same weights under another name/path: same fingerprint; one changed weight: another one."""
+    a = lb.load(str(saved_tiny))
+    model, tok = tiny_model("llama")
+    b = lb.load(model, tok)                       # built in memory, other name
+    assert a.name != b.name and a.fingerprint == b.fingerprint
+    c_model, c_tok = tiny_model("llama")
+    with torch.no_grad():
+        p = dict(c_model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+        p[3, 5] += 1e-3                           # one weight, not among the sampled values
+    assert lb.load(c_model, c_tok).fingerprint != a.fingerprint
+    assert lb.load(*tiny_model("llama", seed=1)).fingerprint != a.fingerprint
+    assert lb.load(*tiny_model("llama", dtype=torch.bfloat16)).fingerprint != a.fingerprint
