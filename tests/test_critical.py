@@ -19,13 +19,21 @@ import lensbench as lb
 from lensbench.errors import InputError
 from lensbench.probes.critical import (
     CRITICAL_THRESHOLD,
+    PowerWarning,
     RolloutRequest,
     critical_index,
     hf_sampler,
+    prefix_fails,
+    rule_false_positive_rate,
+    rule_max_failures,
+    rule_min_n,
     split_sentences,
     wilson_interval,
 )
 from lensbench.testing import tiny_model
+
+# small sample counts keep these tests fast; the rule's power warning is tested on its own
+pytestmark = pytest.mark.filterwarnings("ignore::lensbench.probes.critical.PowerWarning")
 
 PROMPT = "Q: two plus two? A:"
 RESPONSE = "the cat sat on the mat and then it ran"
@@ -100,12 +108,12 @@ def _marker_setup(m, k):
     return ids, marker, scripted, calls
 
 
-@pytest.mark.parametrize("k", [2, 10])
-def test_scripted_sampler_marker_is_critical(tiny, k):
+@pytest.mark.parametrize("k,n,rule", [(2, 64, "wilson"), (10, 64, "wilson"), (2, 8, "paper"), (10, 8, "paper")])
+def test_scripted_sampler_marker_is_critical(tiny, k, n, rule):
     m = tiny("llama")
     ids, marker, scripted, _ = _marker_setup(m, k)
-    res = lb.critical_tokens(m, PROMPT, RESPONSE, checker=lb.checkers.number(42), n_samples=8, sampler=scripted,
-                             progress=False)
+    res = lb.critical_tokens(m, PROMPT, RESPONSE, checker=lb.checkers.number(42), n_samples=n, sampler=scripted,
+                             rule=rule, batch_size=128, progress=False)
     n = len(ids)
     assert res.keep_acc.tolist() == [1.0] * k + [0.0] * (n - k)
     assert res.critical_index == k
@@ -134,11 +142,11 @@ def test_coarse_to_fine_finds_marker_with_fewer_units(tiny):
         return [" 13" if marker in list(req.prefix_ids) + list(f) else " 42" for f in req.first]
 
     full = lb.critical_tokens(m, PROMPT, long_resp, checker=lb.checkers.number(42), n_samples=4, sampler=scripted,
-                              progress=False)
+                              rule="paper", progress=False)
     rows_full = calls["rows"]
     calls["rows"] = 0
     coarse = lb.critical_tokens(m, PROMPT, long_resp, checker=lb.checkers.number(42), n_samples=4,
-                                sampler=scripted, search="coarse", stride=8, progress=False)
+                                sampler=scripted, search="coarse", stride=8, rule="paper", progress=False)
     assert full.critical_index == first_occurrence
     assert coarse.critical_index == first_occurrence
     assert len(coarse.evaluated) < len(ids) / 2 and calls["rows"] < rows_full / 2
@@ -168,7 +176,7 @@ def test_sentence_granularity_resampling_and_counterfactual(tiny):
         return torch.ones(len(texts), 2)
 
     kw = dict(checker=lb.checkers.number(42), n_samples=4, sampler=scripted, granularity="sentence",
-              progress=False)
+              progress=False, rule="paper", similarity_threshold=0.8)
     res = lb.critical_tokens(m, PROMPT, response, embedder=far, **kw)
     assert res.units == ["We add two.", " The marker zzz appears here.", " So it is done."]
     assert res.keep_acc.tolist() == [1.0, 0.0, 0.0]
@@ -179,18 +187,6 @@ def test_sentence_granularity_resampling_and_counterfactual(tiny):
     assert res.continuations_at(1)["replace_first"][0] == " Next step."
     same = lb.critical_tokens(m, PROMPT, response, embedder=near, **kw)
     assert same.replace_n.tolist() == [0.0, 0.0, 0.0] and torch.isnan(same.replace_acc).all()
-
-
-def test_default_sentence_embedder_is_model_mean_pooled(tiny):
-    from lensbench.probes.critical import model_sentence_embedder
-    m = tiny("llama")
-    emb = model_sentence_embedder(m, layer=1)
-    e = emb(["the cat", "the cat", "ran off"])
-    ids = m.encode("the cat", add_bos=False)[None]
-    with m.hooks([1]) as store:
-        m.forward(ids)
-    assert torch.allclose(e[0], store[1][0].float().mean(0))
-    assert torch.equal(e[0], e[1]) and not torch.allclose(e[0], e[2])
 
 
 # ------------------------------------------------------------------------------------------------ real sampling
@@ -422,7 +418,8 @@ def test_explorer_click_shows_continuations_without_running_the_model(tiny):
     from lensbench.widgets import CriticalTokenExplorer
     m = tiny("llama")
     ids, marker, scripted, calls = _marker_setup(m, 2)
-    ex = CriticalTokenExplorer(m, PROMPT, RESPONSE, checker=lb.checkers.number(42), n_samples=3, sampler=scripted)
+    ex = CriticalTokenExplorer(m, PROMPT, RESPONSE, checker=lb.checkers.number(42), n_samples=3, sampler=scripted,
+                               rule="paper")
     assert not ex.error.value and "lb-critical-explorer" in ex._dom_classes
     res = ex.result
     assert len(ex.token_buttons) == len(ids) and res.critical_index == 2
@@ -476,3 +473,188 @@ def test_report_section(tiny, tmp_path):
     assert title.startswith("Critical tokens") and "lb-crit-tok" in body and "plotly" in body
     saved = lb.Result.load(tmp_path / "critical_tokens.safetensors")
     assert saved.n_samples == 3 and ctx["results"]["critical"]["evaluated"] == len(saved.evaluated)
+
+
+# ------------------------------------------------------------------------------------------------ decision rule power
+def _wilson_upper_ref(c, n, alpha):
+    """One-sided Wilson upper bound written out from its definition (independent of lensbench.stats)."""
+    from statistics import NormalDist
+    z = NormalDist().inv_cdf(1 - alpha)
+    return (c + z * z / 2 + z * math.sqrt(c * (n - c) / n + z * z / 4)) / (n + z * z)
+
+
+@pytest.mark.parametrize("n", [16, 56, 64, 128])
+@pytest.mark.parametrize("p", [0.1, 3 / 64, 0.02])
+def test_rule_false_positive_rate_is_exact(n, p):
+    """The stated P(declared failing | true rate p) equals a brute-force sum over the binomial outcomes (rule written
+    out independently) and a Monte-Carlo run of the rule itself."""
+    fails_ref = [_wilson_upper_ref(c, n, 0.05) < 3 / 64 for c in range(n + 1)]
+    brute = sum(comb(n, c) * p ** c * (1 - p) ** (n - c) for c in range(n + 1) if fails_ref[c])
+    exact = rule_false_positive_rate(n, p)
+    assert exact == pytest.approx(brute, rel=1e-9, abs=1e-15)
+    assert prefix_fails(np.arange(n + 1), n).tolist() == fails_ref
+    draws = np.random.default_rng(n).binomial(n, p, size=200_000)
+    mc = prefix_fails(draws, n).mean()
+    assert abs(mc - exact) <= 5 * math.sqrt(max(exact * (1 - exact), 1e-12) / len(draws)) + 1e-6
+    # the paper's rule (0/n) has no error control: 0.9**16 = 0.185 at n = 16, p = 0.1
+    assert rule_false_positive_rate(n, p, rule="paper") == pytest.approx((1 - p) ** n, rel=1e-12)
+
+
+def test_rule_min_n_and_power_summary():
+    n0 = rule_min_n()
+    assert n0 == 56
+    assert not prefix_fails(0, n0 - 1)[0] and prefix_fails(0, n0)[0]
+    assert [rule_max_failures(n) for n in (16, 55, 56, 64, 128)] == [-1, -1, 0, 0, 2]
+    assert all(_wilson_upper_ref(0, n, 0.05) >= 3 / 64 for n in range(1, 56))
+    d = lb.probes.critical.decision_summary(64)
+    assert d["can_fire"] and d["fpr"] == pytest.approx(0.9 ** 64) and d["fpr_worst"] == pytest.approx((61 / 64) ** 64)
+    assert rule_min_n(rule="paper") == 1 and rule_max_failures(16, rule="paper") == 0
+    with pytest.raises(InputError, match="rule"):
+        prefix_fails(0, 10, rule="bayes")
+
+
+def test_zero_of_16_is_not_critical_under_the_default_rule(tiny):
+    """At n = 16, 0/16 happens with probability 0.185 at a true rate of 0.1: the default rule declares nothing
+    (and warns); the paper's rule still declares the marker, with its false-positive rate stated."""
+    m = tiny("llama")
+    k = 2
+    _, _, scripted, _ = _marker_setup(m, k)
+    kw = dict(checker=lb.checkers.number(42), sampler=scripted, progress=False)
+    with pytest.warns(PowerWarning, match="n_samples >= 56"):
+        res = lb.critical_tokens(m, PROMPT, RESPONSE, n_samples=16, **kw)
+    assert res.keep_acc[k] == 0 and res.critical_index is None and not res.failing.any()
+    assert res.decision["rule"] == "wilson" and not res.decision["can_fire"] and res.decision["fpr"] == 0.0
+    assert res.decision["n_samples"] == 16 and res.decision["alpha"] == 0.05 and "Wilson" in res.decision["text"]
+    paper = lb.critical_tokens(m, PROMPT, RESPONSE, n_samples=16, rule="paper", **kw)
+    assert paper.critical_index == k and paper.decision["fpr"] == pytest.approx(0.9 ** 16) == pytest.approx(0.1853,
+                                                                                                         abs=1e-4)
+    r64 = lb.critical_tokens(m, PROMPT, RESPONSE, n_samples=64, **kw)
+    assert r64.critical_index == k and r64.failing[k:].all() and not r64.failing[:k].any()
+    assert float(r64.keep_upper[k]) == pytest.approx(_wilson_upper_ref(0, 64, 0.05), rel=1e-6)
+    df = r64.to_dataframe()
+    assert {"keep_upper", "failing", "resampling_kl", "counterfactual_kl"} <= set(df.columns)
+
+
+def test_coarse_to_fine_applies_the_rule(tiny):
+    """Keep-accuracy 5/128 before the marker (not failing: upper bound > 3/64) and 1/128 after it (failing):
+    no drop of 0.25, no zero, both below 3/64 — only the rule tells the two apart, and the coarse search must
+    refine on it to find the same critical token as the full scan."""
+    m = tiny("llama")
+    long_resp = " ".join([RESPONSE] * 3)
+    ids = m.tokenizer(long_resp, add_special_tokens=False)["input_ids"]
+    marker = ids[13]
+    first = ids.index(marker)
+    n = 128
+    assert not prefix_fails(5, n)[0] and prefix_fails(1, n)[0]
+
+    def scripted(req):
+        out = []
+        for j, f in enumerate(req.first):
+            bad = marker in list(req.prefix_ids) + list(f)
+            out.append(" 42" if (j % n) < (1 if bad else 5) else " 13")
+        return out
+    kw = dict(checker=lb.checkers.number(42), n_samples=n, sampler=scripted, batch_size=2 * n, progress=False)
+    full = lb.critical_tokens(m, PROMPT, long_resp, **kw)
+    coarse = lb.critical_tokens(m, PROMPT, long_resp, search="coarse", stride=8, **kw)
+    assert full.critical_index == first
+    assert coarse.critical_index == first and len(coarse.evaluated) < len(ids)
+    assert lb.critical_tokens(m, PROMPT, long_resp, rule="paper", **kw).critical_index is None
+
+
+def test_cache_is_keyed_by_weights_not_name(tiny, tmp_path):
+    a = tiny("llama")
+    b = lb.load(*tiny_model("llama", seed=1))
+    assert a.name == b.name and a.fingerprint != b.fingerprint
+    kw = dict(checker=_letter_checker(), n_samples=2, max_new_tokens=3, positions=[0, 1], progress=False,
+              cache_dir=tmp_path)
+    ra = lb.critical_tokens(a, PROMPT, RESPONSE, **kw)
+    rb = lb.critical_tokens(b, PROMPT, RESPONSE, **kw)
+    assert rb.n_rollouts == ra.n_rollouts > 0, "a different model with the same name must not reuse the cache"
+    assert lb.critical_tokens(a, PROMPT, RESPONSE, **kw).n_rollouts == 0
+
+
+# ------------------------------------------------------------------------------------------------ sentence importance
+def test_sentence_kl_importances_match_their_definition(tiny):
+    """Thought anchors: resampling KL = KL(answers resampled from sentence i || from i+1); counterfactual KL =
+    KL(answers of dissimilar resamples || sentence kept); add-one smoothing over the answers seen."""
+    m = tiny("llama")
+    response = "We add two. The marker zzz appears here. So it is done."
+    zzz = m.tokenizer(" zzz", add_special_tokens=False)["input_ids"]
+
+    def scripted(req):
+        ids = list(req.prefix_ids)
+        bad = any(ids[i:i + len(zzz)] == zzz for i in range(len(ids)))
+        return [" Next step. Answer 13" if bad else " Next step. Answer 42" for _ in req.first]
+
+    def far(texts):
+        return torch.tensor([[1.0, 0.0]] + [[0.0, 1.0]] * (len(texts) - 1))
+    res = lb.critical_tokens(m, PROMPT, response, checker=lb.checkers.number(42), n_samples=4, sampler=scripted,
+                             granularity="sentence", embedder=far, similarity_threshold=0.5, progress=False)
+
+    def kl(p_counts, q_counts, a=1.0):
+        p = np.asarray(p_counts, float) + a
+        q = np.asarray(q_counts, float) + a
+        p, q = p / p.sum(), q / q.sum()
+        return float((p * np.log(p / q)).sum())
+    # sentence 1 (the marker): resampled from it -> 4/4 right, from after it -> 0/4 right
+    expect = [0.0, kl([4, 0], [0, 4]), 0.0]
+    assert res.resampling_kl.tolist() == pytest.approx(expect, abs=1e-6)
+    assert res.counterfactual_kl.tolist() == pytest.approx(expect, abs=1e-6)
+    assert res.similarity_threshold == 0.5 and res.embedder == "far"
+    by_answer = lb.critical_tokens(m, PROMPT, response, checker=lb.checkers.number(42), n_samples=4,
+                                   sampler=scripted, granularity="sentence", embedder=far, similarity_threshold=0.5,
+                                   answer=lb.checkers.extract_number, progress=False)
+    assert by_answer.resampling_kl.tolist() == pytest.approx(expect, abs=1e-6) and by_answer.answer != "verdict"
+
+
+def test_default_embedder_skips_the_sink_and_is_centred(tiny):
+    """Reference in plain torch on the raw HF model: hidden state of the middle layer after a BOS sink, mean over
+    the sentence's tokens (position 0 excluded), minus the mean of the reference sentences' embeddings."""
+    from lensbench.probes.critical import model_sentence_embedder
+    m = tiny("llama")
+    ref_sents = ["a dog ran home.", "the sun is hot today.", "we count to ten."]
+    emb = model_sentence_embedder(m, layer=1, reference=ref_sents)
+
+    def plain(t):
+        ids = [m.tokenizer.bos_token_id] + m.tokenizer(t, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            hs = m.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1]
+        return hs[0, 1:].float().mean(0)
+    mu = torch.stack([plain(t) for t in ref_sents]).mean(0)
+    e = emb(["the cat", "ran off", ""])
+    assert torch.allclose(e[0], plain("the cat") - mu, atol=1e-5)
+    assert torch.allclose(e[1], plain("ran off") - mu, atol=1e-5)
+    assert torch.equal(e[2], torch.zeros(m.d_model)) and torch.allclose(emb.mean, mu, atol=1e-6)
+    old = model_sentence_embedder(m, layer=1, skip_first=False, centre=False)   # the previous embedder, reachable
+    ids = m.encode("the cat", add_bos=False)[None]
+    with torch.no_grad():
+        hs = m.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(old(["the cat"])[0], hs[0].float().mean(0), atol=1e-5)
+
+
+def test_calibrate_similarity_separates_paraphrases():
+    from lensbench.probes.critical import calibrate_similarity
+    pairs = [("a", "a2", "x"), ("b", "b2", "y"), ("c", "c2", "z")]
+    vec = {"a": [1, 0, 0], "a2": [0.9, 0.1, 0], "x": [0, 1, 0], "b": [0, 0, 1], "b2": [0.2, 0, 1],
+           "y": [1, 1, 0], "c": [1, 1, 1], "c2": [1, 1, 0.7], "z": [-1, 0, 1]}
+
+    def emb(texts):
+        return torch.tensor([vec[t] for t in texts], dtype=torch.float32)
+    cal = calibrate_similarity(emb, pairs)
+    para = [float(torch.nn.functional.cosine_similarity(emb([p])[0], emb([q])[0], dim=0)) for p, q, _ in pairs]
+    diff = [float(torch.nn.functional.cosine_similarity(emb([p])[0], emb([r])[0], dim=0)) for p, _, r in pairs]
+    assert cal["balanced_accuracy"] == 1.0 and cal["threshold"] == pytest.approx((max(diff) + min(para)) / 2)
+
+
+def test_default_embedder_calibrated_on_the_default_model(default_model):
+    """The previous embedder (pooled over the sink position, uncentred) puts every pair of sentences at cosine
+    ~1 on the default model, so thought anchors' 0.8 filter never keeps a counterfactual; the new one separates
+    paraphrases from different sentences and its calibrated threshold does so on the calibration set."""
+    from lensbench.probes.critical import calibrate_similarity, model_sentence_embedder
+    m = default_model
+    old = calibrate_similarity(model_sentence_embedder(m, skip_first=False, centre=False))
+    assert min(old["different_cos"]) > 0.8      # before: no different sentence would count as counterfactual
+    new = calibrate_similarity(model_sentence_embedder(m))
+    assert new["balanced_accuracy"] >= 0.9
+    assert np.mean(np.asarray(new["different_cos"]) < new["threshold"]) >= 0.9
+    assert np.mean(new["paraphrase_cos"]) - np.mean(new["different_cos"]) > 0.3

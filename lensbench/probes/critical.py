@@ -48,6 +48,7 @@ from ..cache import read_json, write_json_atomic
 from ..errors import InputError, LensbenchError
 from ..model import LensModel, check_text
 from ..results import Result
+from ..stats import wilson_interval, wilson_upper
 
 CRITICAL_THRESHOLD = 3 / 64
 _SENT_END = re.compile(r"[.!?](?=\s|$)|\n")
@@ -146,20 +147,100 @@ def _run_checker(checker, text: str) -> bool:
 
 
 # ============================================================================================ statistics
-def wilson_interval(successes, n, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval (lo, hi) for ``successes`` out of ``n`` (arrays; NaN where n == 0 or NaN)."""
-    c = np.asarray(successes, dtype=float)
-    n = np.asarray(n, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = c / n
-        den = 1 + z * z / n
-        mid = (p + z * z / (2 * n)) / den
-        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-        lo, hi = np.clip(mid - half, 0, 1), np.clip(mid + half, 0, 1)
-    bad = ~(n > 0)
-    lo[bad] = np.nan
-    hi[bad] = np.nan
-    return lo, hi
+#: the decision rules :func:`critical_tokens` can apply to a prefix's keep-arm successes (see :func:`prefix_fails`).
+RULES = ("wilson", "paper")
+
+
+class PowerWarning(UserWarning):
+    """The chosen ``n_samples`` is too small for the critical-token rule to be able to declare anything."""
+
+
+def _check_rule(rule: str, alpha: float, threshold: float) -> None:
+    if rule not in RULES:
+        raise InputError(f"rule={rule!r}: use 'wilson' (one-sided Wilson upper bound < threshold) or 'paper' "
+                         "(observed keep-accuracy == 0).")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
+        raise InputError(f"alpha must be a number in (0, 0.5), got {alpha!r}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise InputError(f"threshold must be a number in (0, 1), got {threshold!r}.")
+
+
+def prefix_fails(successes, n, *, rule: str = "wilson", alpha: float = 0.05,
+                 threshold: float = CRITICAL_THRESHOLD) -> np.ndarray:
+    """Whether each prefix counts as *failing* (its true keep-arm success rate is below ``threshold``).
+
+    ``rule="wilson"`` (default): the one-sided ``1 − alpha`` Wilson upper bound on the success rate is below
+    ``threshold`` (3/64, the cDPO reset threshold). A prefix whose true rate is >= threshold is then declared
+    failing with probability about ``alpha`` or less (exactly: :func:`rule_false_positive_rate`); at
+    ``alpha=0.05`` the rule needs n >= 56 to fire at all and at n = 64 it fires on 0/64 (the paper's sample
+    size and verdict). ``rule="paper"``: the observed rate is exactly 0 (Lin et al.'s rule; no error control:
+    at n = 16 a prefix with true rate 0.1 fails with probability 0.9**16 = 0.185).
+
+    Args: successes, n: arrays of counts (NaN where not evaluated: never failing).
+    Returns: bool array of the broadcast shape.
+    """
+    _check_rule(rule, alpha, threshold)
+    c = np.atleast_1d(np.asarray(successes, dtype=float))
+    nn = np.broadcast_to(np.asarray(n, dtype=float), c.shape)
+    ok = np.isfinite(c) & np.isfinite(nn) & (nn > 0)
+    out = np.zeros(c.shape, dtype=bool)
+    if rule == "paper":
+        out[ok] = c[ok] == 0
+    else:
+        out[ok] = wilson_upper(c[ok], nn[ok], alpha) < threshold
+    return out
+
+
+def rule_max_failures(n: int, *, rule: str = "wilson", alpha: float = 0.05,
+                      threshold: float = CRITICAL_THRESHOLD) -> int:
+    """The largest success count out of ``n`` that the rule still calls failing (−1: it can never fire at n).
+    The rule's verdict is monotone in the count, so "failing" is exactly ``successes <= rule_max_failures(n)``."""
+    fails = prefix_fails(np.arange(n + 1), n, rule=rule, alpha=alpha, threshold=threshold)
+    return int(np.flatnonzero(fails).max()) if fails.any() else -1
+
+
+def rule_min_n(*, rule: str = "wilson", alpha: float = 0.05, threshold: float = CRITICAL_THRESHOLD,
+               n_max: int = 100_000) -> int:
+    """The smallest number of samples at which the rule can declare a prefix failing (0 successes)."""
+    _check_rule(rule, alpha, threshold)
+    if rule == "paper":
+        return 1
+    from scipy import stats as _st
+    z2 = float(_st.norm.ppf(1 - alpha)) ** 2
+    n = max(1, math.floor(z2 * (1 - threshold) / threshold))  # Wilson upper bound of 0/n is z²/(n + z²)
+    while n <= n_max and not prefix_fails(0, n, rule=rule, alpha=alpha, threshold=threshold)[0]:
+        n += 1
+    return n
+
+
+def rule_false_positive_rate(n: int, p: float, *, rule: str = "wilson", alpha: float = 0.05,
+                             threshold: float = CRITICAL_THRESHOLD) -> float:
+    """Exact probability that one prefix with true keep-arm success rate ``p`` is declared failing from
+    ``n`` samples: P(Binomial(n, p) <= :func:`rule_max_failures`). For p >= threshold this is a false positive;
+    it is largest at p = threshold (the worst case over all non-failing prefixes)."""
+    from scipy import stats as _st
+    k = rule_max_failures(n, rule=rule, alpha=alpha, threshold=threshold)
+    return 0.0 if k < 0 else float(_st.binom.cdf(k, n, p))
+
+
+def decision_summary(n: int, *, rule: str = "wilson", alpha: float = 0.05, threshold: float = CRITICAL_THRESHOLD,
+                     fpr_at: float = 0.1) -> dict:
+    """The critical-token rule with its power, as stored in :attr:`CriticalTokensResult.decision`.
+
+    Keys: rule, alpha, threshold, n_samples, max_failures (failing iff successes <= this), min_n (smallest n at
+    which the rule can fire), can_fire, fpr_at (a true success rate) and fpr (exact P(declared failing | fpr_at)),
+    fpr_worst (exact P(declared failing | p = threshold), the worst case over non-failing prefixes), text."""
+    k = rule_max_failures(n, rule=rule, alpha=alpha, threshold=threshold)
+    fpr = rule_false_positive_rate(n, fpr_at, rule=rule, alpha=alpha, threshold=threshold)
+    worst = rule_false_positive_rate(n, threshold, rule=rule, alpha=alpha, threshold=threshold)
+    what = (f"one-sided {100 * (1 - alpha):g}% Wilson upper bound on the keep-arm success rate < {threshold:.4g}"
+            if rule == "wilson" else "observed keep-arm success rate == 0 (Lin et al.)")
+    text = (f"failing prefix: {what}; n = {n}: " + (f"fires at <= {k} successes" if k >= 0 else "can never fire")
+            + f" (needs n >= {rule_min_n(rule=rule, alpha=alpha, threshold=threshold)}); P(declared | p = {fpr_at:g}) "
+            f"= {fpr:.3g}, P(declared | p = {threshold:.4g}) = {worst:.3g}")
+    return {"rule": rule, "alpha": float(alpha), "threshold": float(threshold), "n_samples": int(n),
+            "max_failures": k, "min_n": rule_min_n(rule=rule, alpha=alpha, threshold=threshold), "can_fire": k >= 0,
+            "fpr_at": float(fpr_at), "fpr": fpr, "fpr_worst": worst, "text": text}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -173,15 +254,29 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def critical_index(keep_acc: Sequence[float], threshold: float = CRITICAL_THRESHOLD) -> int | None:
-    """The paper's rule: the last token of the first prefix whose keep-accuracy is 0; reset if a later prefix
-    gets back above ``threshold``. NaN entries (positions not evaluated) are skipped. None if no such token."""
+def critical_index(keep_acc: Sequence[float], threshold: float = CRITICAL_THRESHOLD, *,
+                   n: int | Sequence[int] | None = None, rule: str = "paper", alpha: float = 0.05) -> int | None:
+    """The critical unit: the last token of the first *failing* prefix; reset if a later prefix gets back above
+    ``threshold`` (observed keep-accuracy > threshold, the paper's reset). NaN entries (positions not evaluated)
+    are skipped. None if no such unit.
+
+    ``rule="paper"`` (this function's default, Lin et al.): failing = keep-accuracy exactly 0.
+    ``rule="wilson"`` (the default of :func:`critical_tokens`): failing = :func:`prefix_fails` on the counts
+    ``keep_acc * n`` (``n`` required: per-unit sample counts or one int)."""
+    acc = np.asarray(keep_acc, dtype=float)
+    if rule == "wilson":
+        if n is None:
+            raise InputError("critical_index(rule='wilson') needs n (the number of samples per prefix).")
+        nn = np.broadcast_to(np.asarray(n, dtype=float), acc.shape)
+        fails = prefix_fails(np.round(acc * nn), nn, rule=rule, alpha=alpha, threshold=threshold)
+    else:
+        _check_rule(rule, alpha, threshold)
+        fails = acc == 0
     crit = None
-    for i, a in enumerate(keep_acc):
-        a = float(a)
+    for i, a in enumerate(acc):
         if math.isnan(a):
             continue
-        if crit is None and a == 0:
+        if crit is None and fails[i]:
             crit = i
         elif crit is not None and a > threshold:
             crit = None
@@ -364,7 +459,18 @@ class CriticalTokensResult(Result):
         drop ``[U]``: acc_keep(i) − acc_keep(i+1) (NaN when either is missing); criticality ``[U]``: accuracy
             before unit i minus acc_keep(i) (the drop *caused* by unit i; before unit 0 is ``base_accuracy``, the
             prompt-only accuracy); counterfactual_importance ``[U]``: acc_keep(i) − replace_acc(i).
-        pass_at_k ``[U, len(ks)]`` from the keep arm; critical_index: the paper's critical unit or None.
+        pass_at_k ``[U, len(ks)]`` from the keep arm; critical_index: the last unit of the first failing prefix
+            (reset by a later prefix above ``threshold``) or None.
+        keep_upper ``[U]``: one-sided ``1 − alpha`` Wilson upper bound of the keep arm; failing ``[U]`` (bool):
+            the rule's verdict per evaluated prefix; decision: the rule and its power (:func:`decision_summary`:
+            rule, alpha, threshold, n_samples, max_failures, min_n, can_fire, fpr_at, fpr, fpr_worst, text).
+        resampling_kl ``[U]``: KL(answers resampled from unit i || answers resampled from unit i+1) (thought
+            anchors' resampling importance; the answer is the checker's verdict unless ``answer=`` was given);
+            counterfactual_kl ``[U]``: KL(answers of the (counterfactual) replace arm || keep arm);
+            kl_smoothing: their add-α smoothing; answer: what an answer is.
+        similarity_threshold, embedder, calibration (sentence mode): the counterfactual filter's cosine
+            threshold, the embedder's name and, with ``similarity_threshold="auto"``, its calibration
+            (:func:`calibrate_similarity`).
         evaluated: unit indices evaluated; continuations: one dict per evaluated unit (``unit``, ``keep`` texts,
             ``keep_ok``, ``replace`` texts, ``replace_ok``, ``replace_first`` (the replacing token or regenerated
             sentence), ``dissimilar`` flags in sentence mode); n_rollouts: rollouts generated in this call (0 when
@@ -402,6 +508,16 @@ class CriticalTokensResult(Result):
     model_name: str = ""
     n_rollouts: int = 0
     mode: str = "rollout"
+    keep_upper: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0))
+    failing: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0, dtype=torch.bool))
+    decision: dict = dataclasses.field(default_factory=dict)
+    resampling_kl: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0))
+    counterfactual_kl: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0))
+    similarity_threshold: float | None = None
+    embedder: str = ""
+    calibration: dict = dataclasses.field(default_factory=dict)
+    answer: str = "verdict"
+    kl_smoothing: float = 1.0
 
     def continuations_at(self, unit: int) -> dict | None:
         """The sampled continuations of ``unit`` (None if it was not evaluated)."""
@@ -416,8 +532,11 @@ class CriticalTokensResult(Result):
         for i, u in enumerate(self.units):
             row = {"unit": i, "text": u, "start": self.unit_spans[i][0], "end": self.unit_spans[i][1]}
             for name in ("keep_acc", "keep_lo", "keep_hi", "replace_acc", "replace_lo", "replace_hi", "drop",
-                         "criticality", "counterfactual_importance", "keep_success", "replace_success", "replace_n"):
-                row[name] = float(getattr(self, name)[i])
+                         "criticality", "counterfactual_importance", "keep_success", "replace_success", "replace_n",
+                         "keep_upper", "resampling_kl", "counterfactual_kl"):
+                v = getattr(self, name)
+                row[name] = float(v[i]) if len(v) == len(self.units) else float("nan")
+            row["failing"] = bool(self.failing[i]) if len(self.failing) == len(self.units) else None
             for j, k in enumerate(self.ks):
                 row[f"pass@{k}"] = float(self.pass_at_k[i, j])
             row["critical"] = i == self.critical_index
@@ -430,8 +549,9 @@ class CriticalTokensResult(Result):
     def _repr_html_(self) -> str:
         crit = "none" if self.critical_index is None else (
             f"{self.critical_index} {html.escape(repr(self.units[self.critical_index]))}")
+        rule = f"<br><small>{html.escape(self.decision['text'])}</small>" if self.decision else ""
         return (f"<b>CriticalTokensResult</b> ({self.granularity}s, {self.n_samples} samples/arm, prompt-only "
-                f"accuracy {self.base_accuracy:.2f}, critical {self.granularity}: {crit})<br>"
+                f"accuracy {self.base_accuracy:.2f}, critical {self.granularity}: {crit}){rule}<br>"
                 + critical_html(self))
 
 
@@ -564,25 +684,128 @@ def _first_sentence(text: str) -> str:
     return text[: mt.end()] if mt else text
 
 
-def model_sentence_embedder(m: LensModel, layer: int | None = None) -> Callable[[list[str]], torch.Tensor]:
-    """Offline default sentence embedder: mean-pooled residual stream of ``m`` at ``layer`` (default: the middle
-    layer) over the sentence's tokens (no BOS). Returns ``[n, d_model]`` float32."""
+#: Calibration set for sentence-similarity thresholds (written for this project): (sentence, a paraphrase of it,
+#: a different sentence on the same kind of problem). :func:`calibrate_similarity` places the threshold where it
+#: best separates the paraphrase pairs (similar: not a counterfactual) from the different pairs (dissimilar).
+SIMILARITY_CALIBRATION = (
+    ("Tom has 3 apples and buys 5 more.", "Tom buys 5 more apples, and he already had 3.",
+     "Each box holds 12 eggs."),
+    ("So he has 8 apples in total.", "In total he has 8 apples.", "First we multiply 7 by 2."),
+    ("She gave 7 stickers to her friend.", "Her friend got 7 of her stickers.", "The train travels for 3 hours."),
+    ("We need to add the two numbers.", "The two numbers have to be added.", "The answer is 45 chairs."),
+    ("Let me check the subtraction again.", "I will double-check that subtraction.", "There are 14 boys in the class."),
+    ("A pencil costs 2 dollars.", "One pencil is 2 dollars.", "Lily reads 8 pages every day."),
+    ("Then we subtract 6 from 15.", "Next, take 6 away from 15.", "The farmer buys 19 more cows."),
+    ("The total cost is 14 dollars.", "Altogether it costs 14 dollars.", "Let us first read the question."),
+    ("Each row has 9 chairs.", "There are 9 chairs in every row.", "So the final answer is 20."),
+    ("Wait, that is not right.", "Hmm, that seems wrong.", "Multiply the price by the number of pencils."),
+    ("He spent 18 dollars on a book.", "The book cost him 18 dollars.", "Mia has 7 bags of oranges."),
+    ("Therefore the answer is 42.", "So the answer must be 42.", "The class has 17 girls."),
+    ("The cat sat on the mat.", "A cat was sitting on the mat.", "The river flows to the sea."),
+    ("It rained all day yesterday.", "Yesterday it was raining the whole day.", "She plays the violin well."),
+    ("The meeting starts at noon.", "At twelve o'clock the meeting begins.", "Add two cups of lentils."),
+    ("I think we should divide by 4.", "Dividing by 4 seems like the right step.", "The shop closes at nine."),
+)
+
+
+def _reference_sentences(k: int = 64) -> list[str]:
+    from ..data import sample_texts
+    sents = []
+    for text in sample_texts():
+        for part in re.split(r"(?<=[.!?])\s+|\n+", text):
+            part = part.strip()
+            if len(part.split()) >= 3:
+                sents.append(part)
+    step = max(1, len(sents) // k)
+    return sents[::step][:k]
+
+
+def model_sentence_embedder(m: LensModel, layer: int | None = None, *, skip_first: bool = True,
+                            centre: bool = True, reference: Sequence[str] | None = None
+                            ) -> Callable[[list[str]], torch.Tensor]:
+    """Offline default sentence embedder: the residual stream of ``m`` at ``layer`` (default: the middle layer),
+    mean-pooled over the sentence's tokens, minus the mean embedding of a reference set of sentences.
+
+    * ``skip_first=True``: the sentence is encoded after one sink token (BOS, else EOS) and that position 0 is
+      left out of the pool. The first position of a sequence carries massive, input-independent activations
+      (the attention sink); pooled in, they dominate every embedding and make any two sentences look alike
+      (cosine ~1 on the default model, so a 0.8 filter never finds a counterfactual).
+    * ``centre=True``: residual streams are anisotropic (a large shared mean direction); subtracting the mean of
+      ``reference`` sentences (default: 64 sentences of the shipped sample texts, computed on the first call)
+      makes the cosine measure what distinguishes sentences.
+
+    ``skip_first=False, centre=False`` is the previous embedder (mean over all tokens, no BOS, uncentred).
+    Returns ``[n, d_model]`` float32 on the CPU; empty strings embed to zeros. The embedder exposes ``.mean``
+    (the centring vector, after the first call) and a ``__name__`` that goes into cache keys.
+    """
     layer = m.n_layers // 2 if layer is None else m.check_layers(layer, "layer")[0]
+    tok = m.tokenizer
+    sink = getattr(tok, "bos_token_id", None)
+    if sink is None:
+        sink = getattr(tok, "eos_token_id", None)
+    state: dict[str, Any] = {"mean": None}
 
     @torch.no_grad()
-    def embed(texts: list[str]) -> torch.Tensor:
+    def raw(texts: Sequence[str]) -> torch.Tensor:
         out = []
         for t in texts:
-            if not t.strip():
+            ids = tok(t, add_special_tokens=False)["input_ids"][: m.max_length - 1] if t.strip() else []
+            if not ids:
                 out.append(torch.zeros(m.d_model))
                 continue
-            ids = m.encode(t, add_bos=False, truncate=True)[None]
+            first = 0
+            if skip_first:
+                if sink is not None:
+                    ids, first = [int(sink)] + list(ids), 1
+                elif len(ids) > 1:
+                    first = 1
             with m.hooks([layer]) as store:
-                m.forward(ids)
-            out.append(store[layer][0].float().mean(0).cpu())
+                m.forward(torch.tensor([ids]))
+            out.append(store[layer][0, first:].float().mean(0).cpu())
         return torch.stack(out)
-    embed.__name__ = f"model_sentence_embedder(layer={layer})"
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        e = raw(texts)
+        if not centre:
+            return e
+        if state["mean"] is None:
+            state["mean"] = raw(list(reference) if reference is not None else _reference_sentences()).mean(0)
+            embed.mean = state["mean"]
+        blank = e.abs().sum(-1) == 0
+        e = e - state["mean"]
+        e[blank] = 0
+        return e
+    embed.mean = None
+    embed.__name__ = (f"model_sentence_embedder(layer={layer}, skip_first={skip_first}, centre={centre}"
+                      + (", reference=custom" if reference is not None else "") + ")")
     return embed
+
+
+def calibrate_similarity(embedder: Callable[[list[str]], torch.Tensor],
+                         pairs: Sequence[tuple[str, str, str]] = SIMILARITY_CALIBRATION) -> dict:
+    """Calibrate the counterfactual filter's cosine threshold for ``embedder``.
+
+    Thought anchors (Bogdan et al. 2025) call a regenerated sentence a counterfactual when its cosine to the
+    original is below 0.8 under all-MiniLM-L6-v2, an embedder for which paraphrases score above ~0.8. Cosines
+    of other embedders live on other scales, so the threshold is re-derived for each: embed every (sentence,
+    paraphrase, different) triple of ``pairs`` and take the threshold that best separates paraphrase cosines
+    (similar: excluded) from different-sentence cosines (dissimilar: kept), by balanced accuracy (the midpoint
+    of the best gap; the middle of tied candidates).
+
+    Returns: dict with threshold, balanced_accuracy, paraphrase_cos and different_cos (lists), n_pairs.
+    """
+    texts = [t for tr in pairs for t in tr]
+    e = embedder(texts).float().reshape(len(pairs), 3, -1)
+    para = torch.nn.functional.cosine_similarity(e[:, 0], e[:, 1], dim=-1).tolist()
+    diff = torch.nn.functional.cosine_similarity(e[:, 0], e[:, 2], dim=-1).tolist()
+    vals = np.unique(np.concatenate([para, diff]))
+    cands = (vals[:-1] + vals[1:]) / 2 if len(vals) > 1 else vals
+    pa, di = np.asarray(para), np.asarray(diff)
+    ba = np.array([(np.mean(pa >= t) + np.mean(di < t)) / 2 for t in cands])
+    best = np.flatnonzero(ba == ba.max())
+    t = float(cands[best[len(best) // 2]])
+    return {"threshold": t, "balanced_accuracy": float(ba.max()), "paraphrase_cos": [float(x) for x in para],
+            "different_cos": [float(x) for x in diff], "n_pairs": len(pairs)}
 
 
 # ============================================================================================ the probe
@@ -681,13 +904,53 @@ def _free_prefix(eng: _Engine, upto: int) -> dict:
     return {"upto": upto, "texts": [h + t for h, t in pairs], "tails": [t for _, t in pairs], "ok": ok}
 
 
+_DEFAULT_EMBEDDERS: dict = {}
+
+
+def _default_embedder(m: LensModel):
+    """One default embedder per model (its centring mean and calibration are computed once per session)."""
+    key = (getattr(m, "fingerprint", None) or m.name, id(m))
+    if key not in _DEFAULT_EMBEDDERS:
+        _DEFAULT_EMBEDDERS.clear()
+        _DEFAULT_EMBEDDERS[key] = model_sentence_embedder(m)
+    return _DEFAULT_EMBEDDERS[key]
+
+
+def _calibration(emb) -> dict:
+    cal = getattr(emb, "calibration", None)
+    if cal is None:
+        cal = calibrate_similarity(emb)
+        try:
+            emb.calibration = cal
+        except (AttributeError, TypeError):  # a callable that takes no attributes: recalibrate next time
+            pass
+    return cal
+
+
+def _answer_kl(p_answers: Sequence, q_answers: Sequence, alpha: float) -> float:
+    """KL(p || q) in nats between the empirical answer distributions of two rollout sets, with add-``alpha``
+    smoothing over the union of answers seen in either (NaN if a set is empty)."""
+    if not len(p_answers) or not len(q_answers):
+        return float("nan")
+    support = sorted({repr(a) for a in p_answers} | {repr(a) for a in q_answers})
+    pc = np.array([sum(repr(a) == s for a in p_answers) for s in support], dtype=float) + alpha
+    qc = np.array([sum(repr(a) == s for a in q_answers) for s in support], dtype=float) + alpha
+    p, q = pc / pc.sum(), qc / qc.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return float(terms.sum())
+
+
 def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callable[[str], bool],
-                    n_samples: int = 32, mode: str = "rollout", granularity: str = "token",
+                    n_samples: int = 64, mode: str = "rollout", granularity: str = "token",
                     temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
                     stop: str | Sequence[str] | None = None, seed: int = 0, positions: Sequence[int] | None = None,
                     search: str = "full", stride: int = 8, refine_drop: float = 0.25,
-                    threshold: float = CRITICAL_THRESHOLD, pass_k: Sequence[int] = (1, 4, 16),
-                    similarity_threshold: float = 0.8, embedder: Callable[[list[str]], torch.Tensor] | None = None,
+                    threshold: float = CRITICAL_THRESHOLD, rule: str = "wilson", alpha: float = 0.05,
+                    fpr_at: float = 0.1, pass_k: Sequence[int] = (1, 4, 16),
+                    similarity_threshold: float | str = "auto",
+                    embedder: Callable[[list[str]], torch.Tensor] | None = None,
+                    answer: Callable[[str], Any] | None = None, kl_smoothing: float = 1.0,
                     sampler: Callable[[RolloutRequest], list] | None = None, batch_size: int = 32,
                     cache_dir: str | os.PathLike | None = None, progress: bool = True) -> CriticalTokensResult:
     """Rollout criticality of every token (or sentence) of ``response`` to ``prompt``.
@@ -695,21 +958,38 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
     Args:
         checker: ``text -> bool`` on the *response* text (response prefix + forced token + continuation); use
             :data:`lensbench.checkers` (``number(gold, rel_tol=...)``, ``exact(...)``, ``regex(...)``).
-        n_samples: continuations per arm and unit.
-        granularity: ``"token"`` (keep vs forbid-the-token arms) or ``"sentence"`` (resampling and counterfactual
-            importance: keep = rollouts after sentence i; replace = rollouts from before sentence i whose first
-            regenerated sentence has cosine < ``similarity_threshold`` to sentence i under ``embedder``, default
-            :func:`model_sentence_embedder`).
+        n_samples: continuations per arm and unit (default 64, the paper's / cDPO's sample size: the smallest
+            power of two at which the default rule can fire is 64; it needs n >= 56).
+        granularity: ``"token"`` (keep vs forbid-the-token arms) or ``"sentence"`` (thought anchors, Bogdan et
+            al. 2025: keep = rollouts after sentence i, i.e. resampled from sentence i+1; replace = rollouts from
+            before sentence i, i.e. sentence i resampled; the counterfactual replace arm keeps only those whose
+            regenerated first sentence has cosine < ``similarity_threshold`` to sentence i under ``embedder``).
         temperature, top_p, max_new_tokens, stop: sampling settings (stop strings end a continuation;
             temperature 0 is greedy: every sample is the same and the replace arm takes the runner-up token).
         seed: results are a deterministic function of the seed (independent of ``batch_size`` and resuming).
         positions: evaluate only these units (others are NaN); search: ``"full"`` or ``"coarse"`` (every
             ``stride``-th unit plus the last, then bisect between evaluated neighbours whose keep-accuracy differs
-            by >= ``refine_drop`` or crosses ``threshold``, down to adjacent units).
-        threshold: reset threshold of the critical-token rule (default 3/64); pass_k: k values for pass@k.
+            by >= ``refine_drop``, that the rule calls failing on one side only, or that lie on either side of
+            ``threshold``, down to adjacent units).
+        threshold, rule, alpha: the critical-unit decision. A prefix is *failing* when (``rule="wilson"``,
+            default) the one-sided ``1 − alpha`` Wilson upper bound on its keep-arm success rate is below
+            ``threshold`` (3/64), or (``rule="paper"``, Lin et al.'s rule, no error control) when its observed
+            keep-accuracy is 0. The critical unit is the last unit of the first failing prefix, reset when a later
+            prefix's observed keep-accuracy exceeds ``threshold``. ``result.decision`` states the rule's power:
+            the exact binomial P(a prefix is declared failing | true rate ``fpr_at``), the worst case at
+            p = threshold, and the smallest n at which the rule can fire; a :class:`PowerWarning` is issued when
+            ``n_samples`` is below it (the critical unit is then always None).
+        pass_k: k values for pass@k.
+        similarity_threshold: ``"auto"`` (default): calibrated for the embedder by :func:`calibrate_similarity`
+            (thought anchors' 0.8 is specific to all-MiniLM-L6-v2); or a number.
+        embedder: ``list[str] -> [n, D]`` sentence embeddings; default :func:`model_sentence_embedder` (the
+            model's own middle layer, sink position excluded, mean-centred).
+        answer: ``text -> hashable`` final answer for the KL importances (default: the checker's verdict, so the
+            answer distribution is correct / wrong); kl_smoothing: add-α smoothing of those distributions.
         sampler: ``RolloutRequest -> list of generated id lists (or continuation strings)``; default
             :func:`hf_sampler` (batched ``generate`` reusing the prefix KV cache).
-        batch_size: rows per ``generate`` call; cache_dir: directory for per-unit results (resumable).
+        batch_size: rows per ``generate`` call; cache_dir: directory for per-unit results (resumable; keyed by
+            the model's weight fingerprint, not its name).
     """
     if mode != "rollout":
         raise InputError(f"mode={mode!r}: critical_tokens supports mode='rollout'; for the contrastive estimate "
@@ -729,6 +1009,24 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
         raise InputError(f"search={search!r}: use 'full' or 'coarse'.")
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise InputError(f"stride must be a positive int, got {stride!r}.")
+    _check_rule(rule, alpha, threshold)
+    if isinstance(fpr_at, bool) or not isinstance(fpr_at, (int, float)) or not 0 <= fpr_at <= 1:
+        raise InputError(f"fpr_at must be a success rate in [0, 1], got {fpr_at!r}.")
+    if not (similarity_threshold == "auto" or (isinstance(similarity_threshold, (int, float))
+                                               and not isinstance(similarity_threshold, bool)
+                                               and math.isfinite(similarity_threshold))):
+        raise InputError(f"similarity_threshold must be 'auto' or a number, got {similarity_threshold!r}.")
+    if isinstance(kl_smoothing, bool) or not isinstance(kl_smoothing, (int, float)) or not kl_smoothing > 0:
+        raise InputError(f"kl_smoothing must be a positive number, got {kl_smoothing!r}.")
+    if answer is not None and not callable(answer):
+        raise InputError("answer must be a callable text -> answer, e.g. lb.checkers.extract_number.")
+    decision = decision_summary(n_samples, rule=rule, alpha=alpha, threshold=threshold, fpr_at=fpr_at)
+    if not decision["can_fire"]:
+        warnings.warn(f"critical_tokens: n_samples={n_samples} is too small for rule={rule!r} (alpha={alpha:g}) to "
+                      f"declare any prefix failing: it needs n_samples >= {decision['min_n']}, so critical_index "
+                      f"will be None. Sample more, or pass rule='paper' (observed 0/{n_samples}; P(declared | true "
+                      f"rate {fpr_at:g}) = {rule_false_positive_rate(n_samples, fpr_at, rule='paper'):.3g}).",
+                      PowerWarning, stacklevel=2)
     settings = _settings(temperature, top_p, max_new_tokens, stop)
     prompt_ids = m.encode(prompt, param="prompt").tolist()
     resp_ids = m.tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -748,11 +1046,17 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
             raise InputError(f"positions must be unit indices in [-{U}, {U}) ({U} {granularity}s in the response).")
     ks = [int(k) for k in pass_k if 1 <= int(k) <= n_samples] or [1]
 
+    emb = None
+    if granularity == "sentence":
+        emb = embedder if embedder is not None else _default_embedder(m)
+    emb_name = getattr(emb, "__name__", None) or getattr(emb, "__qualname__", None) or repr(emb)
     eng = _Engine(m, prompt_ids, resp_ids, checker, n_samples, settings, seed, sampler or hf_sampler, batch_size,
                   progress)
-    key = _mix("critical/1", m.name, str(m.dtype), prompt_ids, resp_ids, _checker_name(checker), n_samples,
-               settings, seed, granularity, getattr(sampler or hf_sampler, "__qualname__", repr(sampler)),
-               similarity_threshold if granularity == "sentence" else None)
+    # the weights' fingerprint, not the name: two models called alike must never share rollouts
+    key = _mix("critical/2", getattr(m, "fingerprint", None) or m.name, str(m.dtype), prompt_ids, resp_ids,
+               _checker_name(checker), n_samples, settings, seed, granularity,
+               getattr(sampler or hf_sampler, "__qualname__", repr(sampler)),
+               emb_name if granularity == "sentence" else None)
     cdir = Path(cache_dir) / f"{key:016x}" if cache_dir is not None else None
     memo: dict[Any, dict] = {}
 
@@ -769,7 +1073,6 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
         return rec
 
     bar = tqdm(total=U, desc=f"critical {granularity}s", disable=not progress, leave=False)
-    emb = embedder if embedder is not None else (model_sentence_embedder(m) if granularity == "sentence" else None)
 
     def free(upto: int) -> dict:
         return cached(f"free{upto:06d}", lambda: _free_prefix(eng, upto))
@@ -785,13 +1088,17 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
                 tails = [_first_sentence(t) for t in before["tails"]]
                 e = emb([units[i]] + tails).float()
                 cos = torch.nn.functional.cosine_similarity(e[:1], e[1:], dim=-1)
-                return {"dissimilar": [bool(c < similarity_threshold) for c in cos.tolist()]}
+                return {"cos": [float(c) for c in cos.tolist()]}
             sim = cached(f"sim{i:06d}", cf)
             rec = {"unit": i, "keep": after["texts"], "keep_ok": after["ok"], "replace": before["texts"],
                    "replace_ok": before["ok"], "replace_first": [_first_sentence(t) for t in before["tails"]],
-                   "dissimilar": sim["dissimilar"]}
+                   "cos": sim["cos"]}
         bar.update(1)
         return rec
+
+    def fails(rec: dict) -> bool:
+        return bool(prefix_fails(sum(rec["keep_ok"]), len(rec["keep_ok"]), rule=rule, alpha=alpha,
+                                 threshold=threshold)[0])
 
     try:
         base = free(0)
@@ -809,8 +1116,9 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
                     if b - a < 2:
                         continue
                     ka, kb = np.mean(recs[a]["keep_ok"]), np.mean(recs[b]["keep_ok"])
+                    # refine wherever the rule's verdict (failing) or the reset condition could change in between
                     if abs(ka - kb) >= refine_drop or ((ka > threshold) != (kb > threshold)) or (
-                            (ka == 0) != (kb == 0)):
+                            fails(recs[a]) != fails(recs[b])):
                         todo.append((a + b) // 2)
                 if not todo:
                     break
@@ -818,12 +1126,22 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
                     recs[i] = unit(i)
     finally:
         bar.close()
+    sim_t = None
+    calibration: dict = {}
+    if granularity == "sentence":
+        if similarity_threshold == "auto":
+            calibration = _calibration(emb)
+            sim_t = float(calibration["threshold"])
+        else:
+            sim_t = float(similarity_threshold)
     return _assemble(m, prompt, response, units, spans, resp_ids, granularity, recs, base, n_samples, settings,
-                     checker, threshold, ks, eng.n_rollouts)
+                     checker, threshold, ks, eng.n_rollouts, decision=decision, sim_t=sim_t, emb_name=emb_name,
+                     calibration=calibration, answer=answer, kl_smoothing=float(kl_smoothing))
 
 
 def _assemble(m, prompt, response, units, spans, resp_ids, granularity, recs, base, n, settings, checker, threshold,
-              ks, n_rollouts) -> CriticalTokensResult:
+              ks, n_rollouts, *, decision, sim_t, emb_name, calibration, answer, kl_smoothing
+              ) -> CriticalTokensResult:
     U = len(units)
     nan = float("nan")
     ks_ = np.full(U, nan)
@@ -831,27 +1149,55 @@ def _assemble(m, prompt, response, units, spans, resp_ids, granularity, recs, ba
     rs = np.full(U, nan)
     rn = np.full(U, nan)
     pk = np.full((U, len(ks)), nan)
+    ans_keep: dict[int, list] = {}
+    ans_rep: dict[int, list] = {}
+    ans_rep_all: dict[int, list] = {}
+
+    def answers(texts, oks):
+        return [bool(o) for o in oks] if answer is None else [answer(t) for t in texts]
     conts = []
     for i in sorted(recs):
-        r = recs[i]
+        r = dict(recs[i])
+        if "cos" in r:
+            r["dissimilar"] = [bool(c < sim_t) for c in r["cos"]]
         ks_[i], kn[i] = sum(r["keep_ok"]), len(r["keep_ok"])
         mask = r.get("dissimilar") or [True] * len(r["replace_ok"])
         rs[i] = sum(ok for ok, keepit in zip(r["replace_ok"], mask) if keepit)
         rn[i] = sum(mask)
         for j, k in enumerate(ks):
             pk[i, j] = pass_at_k(int(kn[i]), int(ks_[i]), k)
-        conts.append(dict(r))
+        ans_keep[i] = answers(r["keep"], r["keep_ok"])
+        rep = answers(r["replace"], r["replace_ok"])
+        ans_rep_all[i] = rep
+        ans_rep[i] = [a for a, keepit in zip(rep, mask) if keepit]
+        conts.append(r)
     with np.errstate(invalid="ignore", divide="ignore"):
         keep = ks_ / kn
         rep = rs / rn
     klo, khi = wilson_interval(ks_, kn)
     rlo, rhi = wilson_interval(rs, rn)
+    kup = np.full(U, nan)
+    ev = np.isfinite(kn)
+    kup[ev] = wilson_upper(ks_[ev], kn[ev], decision["alpha"])
+    failing = prefix_fails(ks_, kn, rule=decision["rule"], alpha=decision["alpha"], threshold=threshold)
     drop = np.full(U, nan)
     drop[:-1] = keep[:-1] - keep[1:]
     base_acc = float(np.mean(base["ok"]))
     before = np.concatenate([[base_acc], keep[:-1]])
     crit = before - keep
     cfi = keep - rep
+    # KL importances (thought anchors): resampling = KL(answers resampled from unit i || from unit i+1);
+    # counterfactual = KL(answers of the counterfactual replace arm || answers with unit i kept)
+    base_ans = answers(base["texts"], base["ok"])
+    rkl = np.full(U, nan)
+    ckl = np.full(U, nan)
+    for i in recs:
+        prev = base_ans if i == 0 else ans_keep.get(i - 1)
+        if granularity == "sentence":
+            prev = ans_rep_all[i]  # the free rollouts from before sentence i, identical to keep(i-1)
+        if prev is not None:
+            rkl[i] = _answer_kl(prev, ans_keep[i], kl_smoothing)
+        ckl[i] = _answer_kl(ans_rep[i], ans_keep[i], kl_smoothing)
 
     def t(a):
         return torch.tensor(a, dtype=torch.float32)
@@ -861,9 +1207,15 @@ def _assemble(m, prompt, response, units, spans, resp_ids, granularity, recs, ba
         keep_lo=t(klo), keep_hi=t(khi), keep_success=t(ks_), replace_acc=t(rep), replace_lo=t(rlo),
         replace_hi=t(rhi), replace_success=t(rs), replace_n=t(rn), drop=t(drop), criticality=t(crit),
         counterfactual_importance=t(cfi), pass_at_k=t(pk), ks=list(ks), base_accuracy=base_acc,
-        critical_index=critical_index(keep, threshold), evaluated=sorted(recs), continuations=conts, n_samples=n,
+        critical_index=critical_index(keep, threshold, n=np.where(ev, kn, 1.0), rule=decision["rule"],
+                                      alpha=decision["alpha"]),
+        evaluated=sorted(recs), continuations=conts, n_samples=n,
         settings=settings, checker=_checker_name(checker), threshold=float(threshold), model_name=m.name,
-        n_rollouts=n_rollouts)
+        n_rollouts=n_rollouts, keep_upper=t(kup), failing=torch.tensor(failing & ev, dtype=torch.bool),
+        decision=dict(decision), resampling_kl=t(rkl), counterfactual_kl=t(ckl),
+        similarity_threshold=None if sim_t is None else float(sim_t),
+        embedder=emb_name if granularity == "sentence" else "", calibration=dict(calibration),
+        answer="verdict" if answer is None else _checker_name(answer), kl_smoothing=kl_smoothing)
 
 
 # ============================================================================================ contrastive
@@ -968,5 +1320,7 @@ def contrastive_tokens(m_pos: LensModel, m_neg: LensModel, text: str, *, beta: f
 
 
 __all__ = ["critical_tokens", "contrastive_tokens", "CriticalTokensResult", "ContrastiveResult", "checkers",
-           "Checker", "number", "exact", "regex", "pass_at_k", "wilson_interval", "critical_index", "split_sentences",
-           "model_sentence_embedder", "hf_sampler", "RolloutRequest", "PrefixState", "seeded_choice"]
+           "Checker", "number", "exact", "regex", "pass_at_k", "wilson_interval", "wilson_upper", "critical_index",
+           "prefix_fails", "rule_max_failures", "rule_min_n", "rule_false_positive_rate", "decision_summary",
+           "PowerWarning", "RULES", "split_sentences", "model_sentence_embedder", "calibrate_similarity",
+           "SIMILARITY_CALIBRATION", "hf_sampler", "RolloutRequest", "PrefixState", "seeded_choice"]
