@@ -306,16 +306,56 @@ def test_filler_probe_known_answers(tiny32, tmp_path):
     items = [{"question": f"The {w} fox jumps over the dog number {i}", "answer": f" {w}"}
              for i in range(20) for w in ("quick", "lazy")]
     res = lb.filler_probe(m, items, n_fillers=4, layers=[0, 2], folds=4, progress=False)
-    assert res.layers == [0, 2] and res.majority == 0.5
+    assert res.layers == [0, 2] and res.majority == 0.5 and res.compare == "last_question"
     # layer 0 = embeddings: filler positions are the same tokens for every item (no position embedding in a
-    # llama residual), so the probe cannot beat chance there; the question positions contain the answer word
+    # llama residual), so the probe cannot beat chance there
     assert res.filler_acc[0] <= 0.6
-    assert res.question_acc[0] >= 0.95 and res.question_acc[1] >= 0.9
-    # after the blocks the fillers attend to the question: the label becomes decodable at filler positions
-    assert res.filler_acc[1] >= 0.9
+    # after the blocks the fillers and the last question token attend to the question: the label is decodable
+    assert res.filler_acc[1] >= 0.9 and res.question_acc[1] >= 0.9
     assert res.shuffled_acc.max() <= 0.8
     assert lb.Result.load(res.save(tmp_path / "probe")) == res
-    assert len(res.figure().data) == 3 and len(res.to_dataframe()) == 2
+    df = res.to_dataframe()
+    assert len(res.figure().data) == 3 and len(df) == 2 and (df["n_items"] == 40).all() and (df["folds"] == 4).all()
+
+
+def _cv_acc(X, y, folds, seed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)), X, y, cv=cv).mean()
+
+
+def test_filler_probe_compares_like_for_like(tiny32):
+    """Issue 13: the comparison position has seen the same context as the fillers (the whole question).
+
+    Known answer: the label is the 4th word and every question ends in the same token, so at layer 0
+    (embeddings) no position but the label word itself carries the label: the last question token is at chance
+    exactly (0.5), like the filler positions. The old mean over question positions contained the label word's
+    embedding and decoded it perfectly at layer 0 (kept reachable as compare="question_mean").
+    Independent reference: the comparison features are the last-position hidden states of a plain HF forward of
+    the question *alone* (the no-filler control), probed with the same CV.
+    """
+    m = tiny32
+    items = [{"question": f"Number {i}: the {w} fox jumps over the dog", "answer": f" {w}"}
+             for i in range(20) for w in ("quick", "lazy")]
+    res = lb.filler_probe(m, items, n_fillers=4, layers=[0, 1], folds=4, progress=False)
+    assert res.question_acc[0] == pytest.approx(0.5) and res.filler_acc[0] == pytest.approx(0.5)
+    y = np.asarray([it["answer"] for it in items])
+    for j, la in enumerate([0, 1]):
+        X = []
+        for it in items:
+            ids = torch.tensor([m.encode(it["question"]).tolist()])
+            with torch.no_grad():
+                X.append(m.model(input_ids=ids, output_hidden_states=True).hidden_states[la][0, -1].float().numpy())
+        assert res.question_acc[j].item() == pytest.approx(_cv_acc(np.stack(X), y, 4, 0), abs=1e-6)
+    ctrl = lb.filler_probe(m, items, n_fillers=4, layers=[0, 1], folds=4, compare="no_filler", progress=False)
+    assert torch.equal(ctrl.question_acc, res.question_acc)     # no template: the same state
+    old = lb.filler_probe(m, items, n_fillers=4, layers=[0], folds=4, compare="question_mean", progress=False)
+    assert old.question_acc[0] >= 0.95
+    with pytest.raises(lb.InputError):
+        lb.filler_probe(m, items, compare="mean", progress=False)
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
@@ -365,3 +405,110 @@ def test_ablation_item_template_is_never_edited(tiny32):
     lp, _ = _ref_logprob(m, q + tail + ans, len(ans))
     assert res.loss_class[0, 0].item() == pytest.approx(-lp / len(ans), abs=1e-4)
     assert torch.isfinite(res.correct_orig).all()
+
+
+# --------------------------------------------------------------------------------------------- issue 13
+CONTENT = ("one", "fifty", "hundred", "system", "fire", "bill", "interest", "amount")
+
+
+def test_default_stopwords_are_function_words(tiny32):
+    sw, sk = F.stop_words(), F.stop_words("sklearn")
+    assert sw == F.FUNCTION_WORDS and {"the", "of", "and", "is", "to", "they", "with", "could", "not"} <= sw
+    assert not set(CONTENT) & sw                     # content words and numerals are not filler
+    assert set(CONTENT) <= sk                        # scikit-learn's retrieval list removes them
+    text = ("The fire system sent one bill of fifty dollars, and the amount of interest was a hundred more "
+            "than they could pay for the house in the end of the year")
+    kw = dict(classes=("stopwords",), continuation_words=4, n_control=1, progress=False)
+    res = lb.filler_ablation(tiny32, [text], **kw)
+    removed = {w.lower() for w in res.removed_words[0][0]}
+    assert {"the", "of", "and", "was", "than", "they", "could", "for", "in"} <= removed
+    assert not removed & set(CONTENT) and res.settings["stopwords"].startswith("function words")
+    sk_res = lb.filler_ablation(tiny32, [text], stopwords="sklearn", **kw)
+    assert set(CONTENT) <= {w.lower() for w in sk_res.removed_words[0][0]}
+    assert "sklearn" in sk_res.settings["stopwords"]
+    with pytest.raises(lb.InputError):
+        F.stop_words("nltk")
+
+
+def _synthetic_ablation(tok_class, tok_orig=None):
+    """A FillerAblationResult with given per-token class losses ``[N, T]`` (NaN = padding), orig 0."""
+    tok_class = torch.as_tensor(tok_class, dtype=torch.float32)
+    N, T = tok_class.shape
+    orig = torch.zeros(N, T) if tok_orig is None else torch.as_tensor(tok_orig, dtype=torch.float32)
+    orig = torch.where(tok_class.isnan(), torch.nan, orig)
+    nan = torch.full((N,), float("nan"))
+    return F.FillerAblationResult(
+        classes=["x"], loss_orig=orig.nanmean(1), loss_class=tok_class.nanmean(1)[None],
+        loss_control=orig.nanmean(1)[None, None], correct_orig=nan, correct_class=nan[None],
+        correct_control=nan[None, None], frequency=torch.zeros(1, N), removed_tokens=torch.ones(1, N, dtype=torch.long),
+        control_removed_tokens=torch.ones(1, 1, N, dtype=torch.long), context_tokens=torch.full((N,), 10),
+        contexts=[""] * N, continuations=[""] * N, edited=[[""] * N], removed_words=[[[] for _ in range(N)]],
+        control_edited=[[""] * N], token_loss_orig=orig, token_loss_class=tok_class[None],
+        token_loss_control=orig[None, None].clone())
+
+
+def test_ablation_ci_resamples_texts_and_covers():
+    """Issue 13: Δ loss is pooled over continuation tokens and its CI resamples texts (clusters), with a t
+    interval below 20 texts. Independent reference: the t interval on the ratio mean written out here; and
+    coverage of the true mean over simulated corpora whose tokens share a per-text effect."""
+    from scipy import stats as st
+    rng = np.random.default_rng(0)
+    tok = rng.normal(0, 1, (6, 9)) + rng.normal(0, 2, (6, 1))
+    tok[2, 5:] = np.nan                                   # a shorter continuation
+    row = _synthetic_ablation(tok).summary()[0]
+    g = np.repeat(np.arange(6), 9).reshape(6, 9)
+    v, gg = tok[np.isfinite(tok)], g[np.isfinite(tok)]
+    S, n = np.bincount(gg, v), np.bincount(gg).astype(float)
+    est = S.sum() / n.sum()
+    se = np.sqrt(6 / 5 * ((S - est * n) ** 2).sum()) / n.sum()
+    q = st.t.ppf(0.975, 5)
+    assert row["delta_loss"] == pytest.approx(est, abs=1e-6)
+    assert row["delta_ci"] == pytest.approx((est - q * se, est + q * se), abs=1e-5)
+    assert (row["n_texts"], row["n_tokens"], row["ci_method"]) == (6, 50, "t")
+    # coverage at 5 texts (the old percentile bootstrap over 5 texts covered ~0.87)
+    hits, sims = 0, 300
+    for _ in range(sims):
+        t = rng.normal(0, 1, (5, 1)) + rng.normal(0, 0.3, (5, 12))
+        lo, hi = _synthetic_ablation(t).summary()[0]["delta_ci"]
+        hits += lo <= 0 <= hi
+    assert hits / sims >= 0.92, hits / sims
+    df = _synthetic_ablation(tok).to_dataframe()
+    assert {"n_texts", "n_tokens", "ci_method", "delta_ci_lo", "excess_ci_hi"} <= set(df.columns)
+    per_text = _synthetic_ablation(tok).summary(weight="texts")[0]   # every text weighs the same
+    assert per_text["delta_loss"] == pytest.approx(float(np.nanmean(np.nanmean(tok, 1))), abs=1e-6)
+
+
+def test_ablation_token_losses_match_reference(tiny32):
+    m = tiny32
+    res = lb.filler_ablation(m, [TEXT, NO_COMMA], classes=("articles",), continuation_words=5, n_control=1,
+                             progress=False)
+    for n in range(2):
+        cont = m.tokenizer(res.continuations[n], add_special_tokens=False)["input_ids"]
+        for ctx, tl in ((res.contexts[n], res.token_loss_orig[n]), (res.edited[0][n], res.token_loss_class[0, n])):
+            ids = m.encode(ctx).tolist() + cont
+            with torch.no_grad():
+                lp = torch.log_softmax(m.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            ref = [-float(lp[len(ids) - len(cont) - 1 + i, t]) for i, t in enumerate(cont)]
+            assert tl[:len(cont)].tolist() == pytest.approx(ref, abs=1e-4) and tl[len(cont):].isnan().all()
+    row = res.summary()[0]
+    assert row["n_texts"] == 2 and row["n_tokens"] == int(res.token_loss_orig.isfinite().sum())
+    assert row["delta_ci"][0] <= row["delta_loss"] <= row["delta_ci"][1]
+
+
+def test_sweep_ci_over_items_with_n():
+    from lensbench.stats import mean_ci
+    rng = np.random.default_rng(1)
+    lp = torch.tensor(rng.normal(-2, 1, (1, 2, 12)))
+    ok = torch.tensor((rng.random((1, 2, 12)) < 0.5).astype(np.float32))
+    ok[0, 1, 3] = float("nan")
+    res = F.FillerSweepResult(kinds=[" ."], counts=[0, 4], logprob=lp, correct=ok, n_tokens=torch.zeros(1, 2, 12),
+                              questions=["q"] * 12, answers=[" a"] * 12, settings={"seed": 0, "ci": 0.95})
+    rows = res.summary()
+    ref = mean_ci(ok[0, 1].numpy())
+    assert rows[1]["accuracy_ci"] == pytest.approx((max(ref.lo, 0), min(ref.hi, 1))) and rows[1]["n_items"] == 11
+    assert ref.lo < 0     # a t interval on 0/1 values crosses 0 here; an accuracy's CI is clipped to [0, 1]
+    assert rows[1]["ci_method"] == "t" and rows[0]["n_items"] == 12
+    d = mean_ci((lp[0, 1] - lp[0, 0]).numpy())
+    assert rows[1]["delta_ci"] == pytest.approx(d.as_tuple())
+    assert {"n_items", "ci_method"} <= set(res.to_dataframe().columns)
+    assert not hasattr(F, "_bootstrap_ci")

@@ -6,11 +6,12 @@ Dot by Dot" (Pfau, Merrill & Bowman: meaningless filler can stand in for a chain
 * :func:`filler_ablation` — remove a token class from each context at the *word* level and re-tokenise (or
   replace its tokens with a neutral token, keeping positions), then measure the change in mean loss on a
   held-out continuation / answer span that is never edited, against a seeded random-removal control that removes
-  exactly as many tokens of non-class words. Bootstrap CIs over texts.
+  exactly as many tokens of non-class words. CIs resample texts (:func:`lensbench.stats.mean_ci`).
 * :func:`filler_sweep` — answer log-probability and greedy exact match after N filler tokens of several kinds,
   with the question's KV cache (and each filler run's prefix) reused across arms.
 * :func:`filler_probe` — per-layer logistic probes on the residual at filler positions predicting the answer, vs
-  the same probe at question positions and a shuffled-label control.
+  the same probe at the last question token (which has seen the same question; like-for-like) and a
+  shuffled-label control.
 
 Definitions used throughout:
 
@@ -25,7 +26,6 @@ Definitions used throughout:
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import re
 import unicodedata
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..model import LensModel
 from ..results import Result
+from ..stats import mean_ci
 
 ARTICLES = frozenset({"a", "an", "the"})
 CLASSES = ("punctuation", "stopwords", "articles", "commas")
@@ -51,10 +52,47 @@ _RANDOM_WORDS = (
 ).split()
 
 
-def stop_words() -> frozenset[str]:
-    """scikit-learn's English stop-word list (ships offline)."""
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-    return frozenset(ENGLISH_STOP_WORDS)
+#: Closed-class English function words (the default "stopwords" class): determiners and quantifiers, pronouns,
+#: prepositions, conjunctions and subordinators, wh-words, auxiliaries and modals (with their negative
+#: contractions), and a few closed-class adverbs / particles. No numerals and no open-class words: unlike
+#: scikit-learn's ``ENGLISH_STOP_WORDS`` (a retrieval list) it does not contain "one", "fifty", "hundred",
+#: "system", "fire", "bill", "interest", "amount", "found", "call", ... — removing those deletes content, not
+#: filler. Close in spirit to NLTK's English list (function words only), which is what "removing stopwords" means
+#: in LLM-Microscope's ablation (determiners, articles, punctuation: "tokens often seen as minor").
+FUNCTION_WORDS = frozenset("""
+a an the this that these those each every either neither some any no all both several enough such what which
+whose whatever whichever another other others
+i me my mine myself we us our ours ourselves you your yours yourself yourselves he him his himself she her hers
+herself it its itself they them their theirs themselves who whom whoever whomever oneself
+someone somebody something anyone anybody anything everyone everybody everything nobody nothing none
+about above across after against along amid among amongst around as at before behind below beneath beside
+besides between beyond by despite down during except for from in inside into near of off on onto out outside
+over per since than through throughout till to toward towards under underneath unlike until up upon via with
+within without
+and but or nor so yet because although though while whereas if unless whether once lest when whenever where
+wherever whereby wherein why how
+am is are was were be been being have has had having do does did doing will would shall should can could may
+might must ought
+isn't aren't wasn't weren't hasn't haven't hadn't doesn't don't didn't won't wouldn't shan't shouldn't can't
+cannot couldn't mightn't mustn't
+not also just only even too very then there here
+""".split())
+STOPWORD_SOURCES = ("function", "sklearn")
+
+
+def stop_words(source: str = "function") -> frozenset[str]:
+    """The stop-word list of the ``"stopwords"`` class.
+
+    ``"function"`` (default): :data:`FUNCTION_WORDS`, a closed-class function-word list. ``"sklearn"``:
+    scikit-learn's ``ENGLISH_STOP_WORDS`` (318 words, ships offline; the default before issue 13 — it also holds
+    numerals and content words such as "one", "fifty", "system", "fire", "bill", "interest", "amount").
+    """
+    if source == "function":
+        return FUNCTION_WORDS
+    if source == "sklearn":
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+        return frozenset(ENGLISH_STOP_WORDS)
+    raise InputError(f"stop-word source {source!r}; use one of {STOPWORD_SOURCES} or pass a list of words.")
 
 
 # --------------------------------------------------------------------------------------------- text editing
@@ -232,18 +270,6 @@ def _new_cache(m: LensModel):
         return DynamicCache()
 
 
-def _bootstrap_ci(values, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (NaNs dropped); (nan, nan) for < 2 values."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if len(v) < 2:
-        return (math.nan, math.nan) if len(v) == 0 else (float(v[0]), float(v[0]))
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
-
-
 # --------------------------------------------------------------------------------------------- inputs
 def _normalize_items(texts, param: str, *, continuation_words: int) -> list[dict]:
     """Items ``{"context", "continuation", "has_answer"}`` from strings or ``{"question", "answer"}`` dicts."""
@@ -287,6 +313,12 @@ def _check_int(v, name: str, lo: int = 0) -> int:
 
 # --------------------------------------------------------------------------------------------- ablation
 
+def _clip(iv, lo: float, hi: float) -> tuple[float, float]:
+    """An interval of a proportion (or a difference of two) clipped to its range (a t interval on 0/1 values can
+    cross 0 or 1; the true value cannot)."""
+    return (min(max(iv.lo, lo), hi), max(min(iv.hi, hi), lo)) if np.isfinite(iv.lo) else iv.as_tuple()
+
+
 def _summary_frame(summary: list[dict]):
     """A DataFrame of summary rows, each ``(lo, hi)`` confidence interval ``x_ci`` split into ``x_ci_lo``/``x_ci_hi``."""
     import pandas as pd
@@ -314,7 +346,11 @@ class FillerAblationResult(Result):
         contexts, continuations: the texts; edited: ``[C][N]`` edited contexts; removed_words: ``[C][N]`` the
             removed units; control_edited: ``[C][N]`` the first seed's control context.
         mode: ``"remove"`` (word level, re-tokenised) or ``"replace"`` (tokens → ``replacement``, positions kept).
-        settings: seeds, bootstrap settings, stop-word source; model_name.
+        settings: seeds, CI settings, stop-word source; model_name.
+        token_loss_orig: ``[N, T]`` NLL of every continuation token (T = longest continuation, NaN padding);
+            token_loss_class ``[C, N, T]``, token_loss_control ``[C, S, N, T]`` likewise (the continuation is
+            never edited, so its tokens are the same in every variant and the per-token Δ is well defined).
+            ``None`` in results saved before issue 13 (then :meth:`summary` falls back to per-text means).
     """
 
     classes: list
@@ -336,10 +372,13 @@ class FillerAblationResult(Result):
     mode: str = "remove"
     settings: dict = dataclasses.field(default_factory=dict)
     model_name: str = ""
+    token_loss_orig: torch.Tensor | None = None
+    token_loss_class: torch.Tensor | None = None
+    token_loss_control: torch.Tensor | None = None
 
     @property
     def delta(self) -> torch.Tensor:
-        """``[C, N]`` loss change from removing the class."""
+        """``[C, N]`` loss change from removing the class (per-text mean over continuation tokens)."""
         return self.loss_class - self.loss_orig[None]
 
     @property
@@ -347,38 +386,72 @@ class FillerAblationResult(Result):
         """``[C, N]`` loss change from the random control, averaged over seeds."""
         return (self.loss_control - self.loss_orig[None, None]).mean(1)
 
-    def summary(self) -> list[dict]:
-        """One dict per class: frequency, effect, control effect, their difference, bootstrap CIs, accuracy."""
+    def token_deltas(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per continuation token of class ``c``: ``(Δ class, Δ control (seed mean), Δ class − Δ control,
+        text index)``, flat float64 arrays over all texts' tokens (padding dropped)."""
+        if self.token_loss_orig is None:
+            raise InputError("this result has no per-token losses (saved before issue 13); use weight='texts'.")
+        o = self.token_loss_orig.double()
+        d = self.token_loss_class[c].double() - o
+        cd = self.token_loss_control[c].double().mean(0) - o
+        idx = torch.arange(o.shape[0])[:, None].expand_as(o)
+        ok = torch.isfinite(o)
+        return d[ok].numpy(), cd[ok].numpy(), (d - cd)[ok].numpy(), idx[ok].numpy()
+
+    def summary(self, weight: str = "tokens") -> list[dict]:
+        """One dict per class: frequency, effect, control effect, their difference, CIs, accuracy, and the n.
+
+        Args:
+            weight: ``"tokens"`` (default): Δ loss is the pooled mean over all continuation tokens of all texts
+                and its CI resamples *texts* (the tokens of one text share a context; they are not independent):
+                :func:`lensbench.stats.mean_ci` with ``clusters`` = text index — a cluster-robust Student-t
+                interval below 20 texts, a BCa cluster bootstrap from 20 on. ``"texts"``: every text weighs
+                the same (mean of per-text means; before issue 13 this, with a percentile bootstrap).
+
+        ``n_texts``, ``n_tokens`` (scored continuation tokens) and ``ci_method`` are in every row; accuracy CIs
+        are over items (independent, one value each; ``n_items``).
+        """
+        if weight not in ("tokens", "texts"):
+            raise InputError(f"weight={weight!r}; use 'tokens' (pooled over tokens, CI over texts) or 'texts'.")
+        if weight == "tokens" and self.token_loss_orig is None:
+            weight = "texts"
         st = self.settings
+        kw = dict(level=st.get("ci", 0.95), seed=st.get("seed", 0), n_boot=st.get("n_boot", 2000))
+        n_tok = int(torch.isfinite(self.token_loss_orig).sum()) if self.token_loss_orig is not None else None
         rows = []
         for c, name in enumerate(self.classes):
-            d, cd = self.delta[c].double().numpy(), self.control_delta[c].double().numpy()
-            kw = dict(n_boot=st.get("n_boot", 1000), level=st.get("ci", 0.95), seed=st.get("seed", 0))
+            if weight == "tokens":
+                d, cd, ex, g = self.token_deltas(c)
+            else:
+                d, cd = self.delta[c].double().numpy(), self.control_delta[c].double().numpy()
+                ex, g = d - cd, None
+            di, ci_, ei = (mean_ci(v, clusters=g, **kw) for v in (d, cd, ex))
             row = {
                 "class": name, "frequency": float(self.frequency[c].mean()),
                 "tokens_removed": float(self.removed_tokens[c].float().mean()),
                 "token_share_removed": float((self.removed_tokens[c].float() / self.context_tokens.float()).mean()),
                 "loss_orig": float(self.loss_orig.mean()), "loss_class": float(self.loss_class[c].mean()),
-                "delta_loss": float(d.mean()), "delta_ci": _bootstrap_ci(d, **kw),
-                "control_delta_loss": float(cd.mean()), "control_ci": _bootstrap_ci(cd, **kw),
-                "excess_delta": float((d - cd).mean()), "excess_ci": _bootstrap_ci(d - cd, **kw),
+                "delta_loss": di.estimate, "delta_ci": di.as_tuple(),
+                "control_delta_loss": ci_.estimate, "control_ci": ci_.as_tuple(),
+                "excess_delta": ei.estimate, "excess_ci": ei.as_tuple(),
+                "n_texts": di.n_clusters, "n_tokens": n_tok, "ci_method": di.method, "weight": weight,
             }
             if torch.isfinite(self.correct_orig).any():
+                a_c = mean_ci((self.correct_class[c] - self.correct_orig).numpy(), **kw)
+                a_k = mean_ci((self.correct_control[c].mean(0) - self.correct_orig).numpy(), **kw)
                 row.update(acc_orig=float(self.correct_orig.nanmean()),
                            acc_class=float(self.correct_class[c].nanmean()),
                            acc_control=float(self.correct_control[c].nanmean()),
-                           acc_class_ci=_bootstrap_ci((self.correct_class[c] - self.correct_orig).numpy(), **kw),
-                           acc_control_ci=_bootstrap_ci(
-                               (self.correct_control[c].mean(0) - self.correct_orig).numpy(), **kw))
+                           acc_class_ci=_clip(a_c, -1, 1), acc_control_ci=_clip(a_k, -1, 1), n_items=a_c.n)
             rows.append(row)
         return rows
 
-    def to_dataframe(self):
-        return _summary_frame(self.summary())
+    def to_dataframe(self, weight: str = "tokens"):
+        return _summary_frame(self.summary(weight))
 
     def figure(self, metric: str = "delta_loss"):
-        """Bars per class (class removal vs random control) with bootstrap CIs; ``metric``: ``"delta_loss"`` or
-        ``"accuracy"`` (items with answers)."""
+        """Bars per class (class removal vs random control) with CIs over texts (:meth:`summary`); ``metric``:
+        ``"delta_loss"`` or ``"accuracy"`` (items with answers)."""
         import plotly.graph_objects as go
         rows = self.summary()
         names = [r["class"] for r in rows]
@@ -401,7 +474,11 @@ class FillerAblationResult(Result):
                 fig.add_trace(go.Bar(x=names, y=y, name=label, error_y=dict(
                     type="data", array=[r[ci][1] - r[key] for r in rows],
                     arrayminus=[r[key] - r[ci][0] for r in rows])))
-            title, yt = "Δ loss on the unedited continuation (95% bootstrap CI)", "Δ mean NLL (nats / token)"
+            r0 = rows[0]
+            title = (f"Δ loss on the unedited continuation ({round(self.settings.get('ci', 0.95) * 100)}% "
+                     f"{r0['ci_method']} CI over {r0['n_texts']} texts"
+                     + (f", {r0['n_tokens']} tokens)" if r0["n_tokens"] is not None else ")"))
+            yt = "Δ mean NLL (nats / token)"
         else:
             raise InputError(f"metric={metric!r}; use 'delta_loss' or 'accuracy'.")
         fig.update_layout(title=f"filler ablation · {title}", barmode="group", yaxis_title=yt, xaxis_title="class",
@@ -500,11 +577,15 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
             ``"+"``-joined name removes their union (``("punctuation", "stopwords")``).
         mode: ``"remove"``: drop the units and re-tokenise (LLM-Microscope style); ``"replace"``: replace every
             token of the class's units by ``replacement`` (one token), keeping all positions.
-        stopwords: your own stop-word list (default: scikit-learn's ``ENGLISH_STOP_WORDS``).
+        stopwords: the ``"stopwords"`` class: ``"function"`` (default, :data:`FUNCTION_WORDS`: closed-class
+            function words — determiners, pronouns, prepositions, conjunctions, auxiliaries, particles),
+            ``"sklearn"`` (scikit-learn's ``ENGLISH_STOP_WORDS``, the default before issue 13; it also removes
+            numerals and content words such as "one", "system", "fire", "bill"), or your own list of words.
         n_control: seeds of the random control, which removes exactly as many tokens (remove mode: a random
             set of non-class units whose re-tokenised removal shortens the context by the same number of tokens;
             replace mode: the same number of random non-class tokens replaced).
-        seed: seeds the control and the bootstrap. n_boot, ci: bootstrap resamples over texts and CI level.
+        seed: seeds the control and the bootstrap. n_boot, ci: bootstrap resamples (used from 20 texts on) and
+            CI level of :meth:`FillerAblationResult.summary` (CIs resample texts, see there).
     """
     if not isinstance(m, LensModel):
         raise InputError(f"m must be a LensModel (lb.load(...)), got {type(m).__name__}.")
@@ -516,11 +597,14 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
     if not 0 < ci < 1:
         raise InputError(f"ci={ci!r} must be in (0, 1), e.g. 0.95.")
     cls = normalize_classes(classes)
-    if stopwords is None:
-        sw, sw_src = stop_words(), "sklearn ENGLISH_STOP_WORDS"
+    if stopwords is None or stopwords in STOPWORD_SOURCES:
+        src = stopwords or "function"
+        sw = stop_words(src)
+        sw_src = ("function words (lensbench FUNCTION_WORDS)" if src == "function" else "sklearn ENGLISH_STOP_WORDS")
     else:
         if isinstance(stopwords, str) or not all(isinstance(w, str) for w in stopwords):
-            raise InputError("stopwords must be a list of words (strings), e.g. ['the', 'of', 'and'].")
+            raise InputError(f"stopwords must be one of {STOPWORD_SOURCES} or a list of words (strings), e.g. "
+                             "['the', 'of', 'and'].")
         sw, sw_src = frozenset(w.lower() for w in stopwords), f"user list ({len(stopwords)} words)"
     rep_id = None
     if mode == "replace":
@@ -529,6 +613,7 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
     C, S, N = len(cls), n_control, len(items)
     nan = float("nan")
     loss = {"orig": torch.full((N,), nan), "class": torch.full((C, N), nan), "ctrl": torch.full((C, S, N), nan)}
+    tok_loss: dict[tuple, torch.Tensor] = {}   # (key..., n) -> [T_n] per-token NLL
     corr = {k: torch.full_like(v, nan) for k, v in loss.items()}
     freq = torch.zeros(C, N)
     rem = torch.zeros(C, N, dtype=torch.long)
@@ -592,9 +677,10 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
                 add(cids, ("ctrl", c, s))
         keys = list(variants)
         scores = _score_batch(m, [list(k) for k in keys], [len(cont_ids)] * len(keys), batch_size=batch_size)
-        for k, (lp, ok, _tok) in zip(keys, scores):
+        for k, (lp, ok, tok) in zip(keys, scores):
             nll = -lp / len(cont_ids)
             for key in variants[k]:
+                tok_loss[key + (n,)] = -tok.float()
                 if key[0] == "orig":
                     loss["orig"][n], corr["orig"][n] = nll, float(ok)
                 elif key[0] == "class":
@@ -606,7 +692,12 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
                 v[..., n] = nan
         bar.update(1)
     bar.close()
+    T = max(len(v) for v in tok_loss.values())
+    tl = {"orig": torch.full((N, T), nan), "class": torch.full((C, N, T), nan), "ctrl": torch.full((C, S, N, T), nan)}
+    for key, v in tok_loss.items():
+        tl[key[0]][key[1:]][:len(v)] = v
     return FillerAblationResult(
+        token_loss_orig=tl["orig"], token_loss_class=tl["class"], token_loss_control=tl["ctrl"],
         classes=[label for label, _ in cls], loss_orig=loss["orig"], loss_class=loss["class"],
         loss_control=loss["ctrl"], correct_orig=corr["orig"], correct_class=corr["class"],
         correct_control=corr["ctrl"], frequency=freq, removed_tokens=rem, control_removed_tokens=crem,
@@ -646,9 +737,14 @@ class FillerSweepResult(Result):
     model_name: str = ""
 
     def summary(self) -> list[dict]:
-        """One row per (kind, count): mean log p, Δ vs N=0 with bootstrap CI, accuracy with CI."""
+        """One row per (kind, count): mean log p, Δ vs N=0 and accuracy, each with a CI over items, and n.
+
+        Items are independent (one value each), so the CIs are :func:`lensbench.stats.mean_ci` with
+        ``clusters=None``: a Student-t interval below 20 items, a BCa bootstrap from 20 on (``ci_method``).
+        ``n_items`` counts the items of the row (an arm that does not exist for an item is NaN and left out).
+        """
         st = self.settings
-        kw = dict(n_boot=st.get("n_boot", 1000), level=st.get("ci", 0.95), seed=st.get("seed", 0))
+        kw = dict(level=st.get("ci", 0.95), seed=st.get("seed", 0), n_boot=st.get("n_boot", 2000))
         base_lp = self.logprob[0, self.counts.index(0)] if 0 in self.counts else None
         base_ok = self.correct[0, self.counts.index(0)] if 0 in self.counts else None
         rows = []
@@ -659,14 +755,15 @@ class FillerSweepResult(Result):
                     continue
                 if kind == "cot":
                     cnt = int(round(float(np.nanmean(self.n_tokens[k, j].numpy()))))
+                acc = mean_ci(ok, **kw)
                 r = {"kind": kind, "count": cnt, "filler_tokens": float(np.nanmean(self.n_tokens[k, j].numpy())),
-                     "logprob": float(np.nanmean(lp)), "accuracy": float(np.nanmean(ok)),
-                     "accuracy_ci": _bootstrap_ci(ok, **kw)}
+                     "logprob": float(np.nanmean(lp)), "accuracy": acc.estimate, "accuracy_ci": _clip(acc, 0, 1),
+                     "n_items": acc.n, "ci_method": acc.method}
                 if base_lp is not None:
-                    d = lp - base_lp.numpy()
-                    r.update(delta_logprob=float(np.nanmean(d)), delta_ci=_bootstrap_ci(d, **kw),
-                             delta_accuracy=float(np.nanmean(ok - base_ok.numpy())),
-                             delta_accuracy_ci=_bootstrap_ci(ok - base_ok.numpy(), **kw))
+                    d = mean_ci(lp - base_lp.numpy(), **kw)
+                    da = mean_ci(ok - base_ok.numpy(), **kw)
+                    r.update(delta_logprob=d.estimate, delta_ci=d.as_tuple(), delta_accuracy=da.estimate,
+                             delta_accuracy_ci=_clip(da, -1, 1))
                 rows.append(r)
         return rows
 
@@ -674,7 +771,7 @@ class FillerSweepResult(Result):
         return _summary_frame(self.summary())
 
     def figure(self, metric: str = "delta_logprob", kinds: Sequence[str] | None = None):
-        """Curves per filler kind against N with bootstrap CI bands; ``metric``: ``"delta_logprob"``,
+        """Curves per filler kind against N with CI bands over items (:meth:`summary`); ``metric``: ``"delta_logprob"``,
         ``"logprob"`` or ``"accuracy"``."""
         import plotly.graph_objects as go
         if metric not in ("delta_logprob", "logprob", "accuracy"):
@@ -761,7 +858,8 @@ def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128)
         cot: add an arm ``"cot"`` with each item's ``cot`` text in place of the fillers.
         reuse_cache: run the question once per item and reuse its KV cache (and each filler run's prefix, longest
             N first, cropping the cache) across arms; ``False`` recomputes every arm from scratch (same numbers).
-        seed: seeds the random-word control and the bootstrap.
+        seed: seeds the random-word control and the bootstrap. n_boot, ci: bootstrap resamples (from 20 items on)
+            and CI level of :meth:`FillerSweepResult.summary`.
     """
     if not isinstance(m, LensModel):
         raise InputError(f"m must be a LensModel (lb.load(...)), got {type(m).__name__}.")
@@ -918,9 +1016,10 @@ class FillerProbeResult(Result):
 
     Attributes:
         layers: probed layers. filler_acc, question_acc, shuffled_acc: ``[n_layers]`` mean CV accuracy at the
-            filler positions, at the question positions, and at filler positions with shuffled labels.
-        filler_std, question_std, shuffled_std: their std over folds. majority: majority-class rate.
-        labels: the label of every item (strings); n_fillers, filler, pool; settings; model_name.
+            filler positions, at the comparison position (``compare``), and at filler positions with shuffled
+            labels. filler_std, question_std, shuffled_std: their std over folds. majority: majority-class rate.
+        labels: the label of every item (strings); n_fillers, filler, pool (filler side: ``"mean"``/``"last"``);
+        compare: what the filler positions are compared with (see :func:`filler_probe`); settings; model_name.
     """
 
     layers: list
@@ -937,36 +1036,60 @@ class FillerProbeResult(Result):
     pool: str = "mean"
     settings: dict = dataclasses.field(default_factory=dict)
     model_name: str = ""
+    compare: str = "last_question"
 
     def to_dataframe(self):
         import pandas as pd
         return pd.DataFrame({"layer": self.layers, "filler_acc": self.filler_acc.numpy(),
                              "question_acc": self.question_acc.numpy(), "shuffled_acc": self.shuffled_acc.numpy(),
                              "filler_std": self.filler_std.numpy(), "question_std": self.question_std.numpy(),
-                             "shuffled_std": self.shuffled_std.numpy()})
+                             "shuffled_std": self.shuffled_std.numpy(), "majority": self.majority,
+                             "n_items": len(self.labels), "folds": self.settings.get("folds"),
+                             "compare": self.compare})
 
     def figure(self):
         import plotly.graph_objects as go
         fig = go.Figure()
-        for key, name in (("filler", "filler positions"), ("question", "question positions"),
+        qname = {"last_question": "last question token", "no_filler": "no-filler control, last position",
+                 "question_mean": "question positions (mean)"}.get(self.compare, self.compare)
+        for key, name in (("filler", f"filler positions ({self.pool})"), ("question", qname),
                           ("shuffled", "filler, shuffled labels")):
             acc, sd = getattr(self, key + "_acc").numpy(), getattr(self, key + "_std").numpy()
             fig.add_trace(go.Scatter(x=self.layers, y=acc, mode="lines+markers", name=name,
                                      error_y=dict(type="data", array=sd)))
         fig.add_hline(y=self.majority, line_dash="dot", annotation_text="majority class")
         fig.update_layout(title=f"filler probe · CV accuracy of a logistic probe per layer ({self.n_fillers} × "
-                          f"{self.filler!r})", xaxis_title="layer", yaxis_title="accuracy", height=380)
+                          f"{self.filler!r}; n = {len(self.labels)} items, "
+                          f"{self.settings.get('folds', '?')}-fold, ±1 sd over folds)", xaxis_title="layer",
+                          yaxis_title="accuracy", height=380)
         return fig
 
 
-def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16, layers=None,
-                 template: str | None = None, label=None, pool: str = "mean", folds: int = 5, seed: int = 0,
-                 C: float = 1.0, batch_size: int = 16, progress: bool = True) -> FillerProbeResult:
-    """Logistic probes (scikit-learn) per layer on the residual at filler positions predicting each item's label
-    (``item["meta"]["label"]`` when present, else the answer string), vs question positions and shuffled labels.
+PROBE_COMPARE = ("last_question", "no_filler", "question_mean")
 
-    The input is ``question + n_fillers × filler`` (+ ``template`` if given); ``pool`` = ``"mean"`` over the
-    positions or ``"last"`` (the last filler / last question token). Stratified ``folds``-fold CV, seeded.
+
+def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16, layers=None,
+                 template: str | None = None, label=None, pool: str = "mean", compare: str = "last_question",
+                 folds: int = 5, seed: int = 0, C: float = 1.0, batch_size: int = 16,
+                 progress: bool = True) -> FillerProbeResult:
+    """Logistic probes (scikit-learn) per layer on the residual at filler positions predicting each item's label
+    (``item["meta"]["label"]`` when present, else the answer string), vs a like-for-like comparison position and
+    shuffled labels.
+
+    The input is ``question + n_fillers × filler`` (+ ``template`` if given). Filler side: ``pool`` =
+    ``"mean"`` over the filler positions or ``"last"`` (the last filler). Every filler position has seen the
+    whole question, so the comparison must have too ("Let's Think Dot by Dot" asks what the filler positions
+    add to what the model already has after reading the question):
+
+    * ``compare="last_question"`` (default): the last question token, which has seen exactly the whole question
+      (causal attention: it is the same state as the last position of the question run without fillers);
+    * ``"no_filler"``: the last position of ``question + template`` run *without* fillers — the state the
+      no-filler arm predicts the answer from (equals ``"last_question"`` when ``template`` is None);
+    * ``"question_mean"``: the mean over the question positions after BOS, the behaviour before issue 13. Not
+      like-for-like: early positions have seen only a prefix, and at layer 0 the mean holds the label word's own
+      embedding, so it decodes labels the fillers could never see in the embeddings.
+
+    Stratified ``folds``-fold CV, seeded; ``*_std`` is the std over folds.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -978,6 +1101,8 @@ def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16
     n_fillers = _check_int(n_fillers, "n_fillers", 1)
     if pool not in ("mean", "last"):
         raise InputError(f"pool={pool!r}; use 'mean' or 'last'.")
+    if compare not in PROBE_COMPARE:
+        raise InputError(f"compare={compare!r}; use one of {PROBE_COMPARE}.")
     layers = m.check_layers(layers)
     if label is None:
         labels = [str(it.get("meta", {}).get("label", it["answer"])) if isinstance(it.get("meta"), dict)
@@ -994,53 +1119,55 @@ def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16
     if cnt.min() < folds:
         raise InputError(f"the rarest label has {int(cnt.min())} items, fewer than folds={folds}; pass more items "
                          "or fewer folds.")
-    seqs, spans = [], []
+    t = _ids(m, template, bos=False, param="template") if template else []
+    # one run per item (two with compare="no_filler"): (ids, [(feature key, (start, end)), ...])
+    runs = []
     for i, it in enumerate(items):
         q = _ids(m, it["question"], bos=True, param=f"items[{i}]['question']")
         f = _filler_ids(m, filler, n_fillers, it, random.Random(f"{seed}:{i}"))
-        t = _ids(m, template, bos=False, param="template") if template else []
-        seqs.append(q + f + t)
-        spans.append(((0, len(q)), (len(q), len(q) + len(f))))
-    feats_f = {la: [] for la in layers}
-    feats_q = {la: [] for la in layers}
+        fs, fe = len(q), len(q) + len(f)
+        spec = [("f", (fs, fe) if pool == "mean" else (fe - 1, fe))]
+        if compare == "last_question":
+            spec.append(("q", (len(q) - 1, len(q))))
+        elif compare == "question_mean":
+            spec.append(("q", (1 if len(q) > 1 else 0, len(q))))
+        runs.append((i, q + f + t, spec))
+        if compare == "no_filler":
+            runs.append((i, q + t, [("q", (len(q + t) - 1, len(q + t)))]))
+    feats = {key: {la: [None] * len(items) for la in layers} for key in ("f", "q")}
     pad = m.tokenizer.pad_token_id or 0
-    bar = tqdm(total=len(seqs), desc="filler probe", disable=not progress, leave=False)
+    bar = tqdm(total=len(runs), desc="filler probe", disable=not progress, leave=False)
     with torch.no_grad():
-        for b in range(0, len(seqs), batch_size):
-            chunk = seqs[b:b + batch_size]
-            T = max(map(len, chunk))
+        for b in range(0, len(runs), batch_size):
+            chunk = runs[b:b + batch_size]
+            T = max(len(s) for _, s, _ in chunk)
             ids = torch.full((len(chunk), T), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for r, s in enumerate(chunk):
+            for r, (_, s, _) in enumerate(chunk):   # right padding: causal positions are unaffected
                 ids[r, :len(s)] = torch.tensor(s)
                 mask[r, :len(s)] = 1
             with m.hooks(layers) as store:
                 _call(m, ids.to(m.input_device), attention_mask=mask.to(m.input_device), use_cache=False)
-            for r in range(len(chunk)):
-                (qs, qe), (fs, fe) = spans[b + r]
-                for la in layers:
-                    h = store[la][r].float()
-                    if pool == "mean":
-                        feats_q[la].append(h[qs + 1 if qe - qs > 1 else qs:qe].mean(0).cpu().numpy())
-                        feats_f[la].append(h[fs:fe].mean(0).cpu().numpy())
-                    else:
-                        feats_q[la].append(h[qe - 1].cpu().numpy())
-                        feats_f[la].append(h[fe - 1].cpu().numpy())
+            for r, (i, _, spec) in enumerate(chunk):
+                for key, (s0, s1) in spec:
+                    for la in layers:
+                        feats[key][la][i] = store[la][r, s0:s1].float().mean(0).cpu().numpy()
             bar.update(len(chunk))
     bar.close()
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     y_shuf = np.random.default_rng(seed).permutation(y)
     res = {k: [] for k in ("f", "q", "s")}
     for la in layers:
-        Xf, Xq = np.stack(feats_f[la]), np.stack(feats_q[la])
+        Xf, Xq = np.stack(feats["f"][la]), np.stack(feats["q"][la])
         for key, X, yy in (("f", Xf, y), ("q", Xq, y), ("s", Xf, y_shuf)):
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
             sc = cross_val_score(clf, X, yy, cv=cv)
             res[key].append((sc.mean(), sc.std()))
-    t = {k: (torch.tensor([a for a, _ in v], dtype=torch.float32), torch.tensor([s for _, s in v], dtype=torch.float32))
-         for k, v in res.items()}
-    return FillerProbeResult(layers=layers, filler_acc=t["f"][0], question_acc=t["q"][0], shuffled_acc=t["s"][0],
-                             filler_std=t["f"][1], question_std=t["q"][1], shuffled_std=t["s"][1],
+    tt = {k: (torch.tensor([a for a, _ in v], dtype=torch.float32),
+              torch.tensor([s for _, s in v], dtype=torch.float32)) for k, v in res.items()}
+    return FillerProbeResult(layers=layers, filler_acc=tt["f"][0], question_acc=tt["q"][0], shuffled_acc=tt["s"][0],
+                             filler_std=tt["f"][1], question_std=tt["q"][1], shuffled_std=tt["s"][1],
                              majority=float(cnt.max() / cnt.sum()), labels=labels, n_fillers=n_fillers,
-                             filler=filler, pool=pool, settings={"folds": folds, "seed": seed, "C": C},
+                             filler=filler, pool=pool, compare=compare,
+                             settings={"folds": folds, "seed": seed, "C": C, "compare": compare},
                              model_name=m.name)
