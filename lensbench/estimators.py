@@ -221,6 +221,9 @@ def twonn(X, *, discard_fraction: float = 0.1, method: str = "linear", return_in
     ``method="linear"``: least-squares fit through the origin of −log(1−F(μ)) = d·log μ after discarding the
     largest ``discard_fraction`` of μ (as scikit-dimension). ``method="mle"``: the censored maximum-likelihood
     form, (k−1)/(Σ_{i≤k} log μ_(i) + (N−k)·log μ_(k)) ((N−1)/Σ log μ with ``discard_fraction=0``).
+    With ``discard_fraction=0`` the linear fit is undefined (the largest μ has F = 1, so −log(1−F) = ∞ and
+    d = ∞); as DADApy does (``fraction=1`` switches its "base" fit to "ml"), the MLE (N−1)/Σ log μ is
+    returned instead. Tied distances (μ = 1, log μ = 0) are kept, as in DADApy and scikit-dimension.
     ``X`` may be a :class:`Neighbors` with k ≥ 2.
     """
     if method not in ("linear", "mle"):
@@ -232,6 +235,8 @@ def twonn(X, *, discard_fraction: float = 0.1, method: str = "linear", return_in
     k = int(N * (1 - discard_fraction))
     if k < 2:
         raise InputError("fewer than 2 distinct points left; TwoNN needs more points.")
+    if k == N and method == "linear":  # F(μ_max) = 1: the linear fit would give d = ∞ (DADApy: use the MLE)
+        method = "mle"
     logmu = torch.sort(mu).values[:k].log()
     if method == "mle":
         d = (k - 1) / (logmu.sum() + (N - k) * logmu[-1])
@@ -243,18 +248,30 @@ def twonn(X, *, discard_fraction: float = 0.1, method: str = "linear", return_in
     return (d, info) if return_info else d
 
 
+_GRIDE_EPS = 1e-7  # DADApy's precision ``eps``: 1 − μ^{−d} is floored at 2·eps in the likelihood's score
+
+
 def _gride_mle(mu, n1: int, n2: int) -> float:
     """Maximise the GRIDE log-likelihood in d on [0.001, 1000]: the root of its derivative, which is
-    strictly decreasing in d, by Brent's method (float64, on the CPU: N numbers)."""
+    strictly decreasing in d, by Brent's method (float64, on the CPU: N numbers).
+
+    Tied distances (μ = 1) make the score's term log μ / (1 − μ^{−d}) 0/0 (NaN). As DADApy's
+    ``_argmax_loglik``: μ = 1 is nudged to 1 + 10·eps(float64) and 1 − μ^{−d} is floored at 2·1e-7, so a
+    tied point adds ≈ 0 to both sums and 1 to N."""
     from scipy.optimize import brentq
-    logmu = np.log(mu.double().cpu().numpy() if isinstance(mu, torch.Tensor) else np.asarray(mu, np.float64))
+    mu = mu.double().cpu().numpy() if isinstance(mu, torch.Tensor) else np.asarray(mu, np.float64)
+    mu = np.where(mu == 1, 1 + 10 * np.finfo(np.float64).eps, mu)
+    logmu = np.log(mu)
     N = logmu.size
     a = n2 - n1 - 1
     s = logmu.sum()
 
     def dlogL(d: float) -> float:
         # d/dd of (N-1) log d + a Σ log(μ^d - 1) - ((n2-1) d + 1) Σ log μ   (N-1 as in DADApy's form)
-        term = a * (logmu / -np.expm1(-d * logmu)).sum() if a > 0 else 0.0  # μ^d log μ / (μ^d − 1)
+        if a > 0:  # μ^d log μ / (μ^d − 1) = log μ / (1 − μ^{−d}), the denominator floored as DADApy does
+            term = a * (logmu / np.maximum(-np.expm1(-d * logmu), 2 * _GRIDE_EPS)).sum()
+        else:
+            term = 0.0
         return (N - 1) / d + term - (n2 - 1) * s
 
     lo, hi = 1e-3, 1e3
@@ -266,15 +283,16 @@ def _gride_mle(mu, n1: int, n2: int) -> float:
 
 
 def _filter_outliers(mu: torch.Tensor) -> torch.Tensor:
+    """Drop μ >= q50 + 20·(q95 − q50) (DADApy's and scikit-dimension's strict ``mu < mu_max``)."""
     q50, q95 = torch.quantile(mu, torch.tensor([0.5, 0.95], dtype=mu.dtype, device=mu.device))
-    return mu[mu <= q50 + 20 * (q95 - q50)]
+    return mu[mu < q50 + 20 * (q95 - q50)]
 
 
 def gride(X, n1: int = 2, n2: int | None = None, *, return_info: bool = False):
     """GRIDE (Denti et al. 2022): ID from μ = r_{n2}/r_{n1}; ``n2`` defaults to 2·n1 ("scale" = n2).
 
-    Outlying ratios μ > q50 + 20·(q95 − q50) are dropped before the fit, as DADApy does. ``X`` may be a
-    :class:`Neighbors` with k ≥ n2.
+    Outlying ratios μ >= q50 + 20·(q95 − q50) are dropped before the fit, and tied distances (μ = 1) are
+    regularised, as DADApy does (see :func:`_gride_mle`). ``X`` may be a :class:`Neighbors` with k ≥ n2.
     """
     n2 = 2 * n1 if n2 is None else n2
     if not 1 <= n1 < n2:

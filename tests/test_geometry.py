@@ -199,7 +199,7 @@ def test_intrinsic_dimension_on_model(tiny):
         res = lb.intrinsic_dimension(m, [LONG[:600], LONG[600:1300], LONG[1300:2000]], estimator="twonn")
     assert res.values.shape == (3, m.n_layers + 1) and np.isfinite(res.values).all()
     cap = m.capture(LONG[:600], progress=False)
-    assert res.values[0, 2] == pytest.approx(E.twonn(cap.hidden_states(0)[2]), rel=1e-6)
+    assert res.values[0, 1] == pytest.approx(E.twonn(cap.hidden_states(0)[1][1:]), rel=1e-6)  # position 0 out
     pooled = lb.intrinsic_dimension(m, [LONG[:600], LONG[600:1300]], per="pooled")
     assert pooled.values.shape == (1, m.n_layers + 1) and pooled.prompts == ["pooled"]
     assert np.isfinite(res.loss).all() and (res.loss > 0).all()
@@ -225,7 +225,7 @@ def test_overlap_cosine_anisotropy_on_model(tiny):
     assert ov.layers == [0, 1] and ((ov.values >= 0) & (ov.values <= 1)).all()
     cos = lb.cosine_similarity(m, LONG[:400])
     cap = m.capture(LONG[:400], progress=False)
-    X = torch.nn.functional.normalize(cap.hidden_states(0)[1].double(), dim=1)
+    X = torch.nn.functional.normalize(cap.hidden_states(0)[1][1:].double(), dim=1)
     C = X @ X.T
     n = C.shape[0]
     assert cos.values[0, 1] == pytest.approx(float((C.sum() - C.diagonal().sum()) / (n * n - n)), rel=1e-6)
@@ -344,3 +344,155 @@ def test_token_classes():
 def test_contextual_memory_bad_input(tiny, kw, match):
     with pytest.raises(lb.InputError, match=match):
         lb.contextual_memory(tiny("llama"), ["one text here.", "another text."], progress=False, **kw)
+
+
+# --------------------------------------------------------------------------------------------- issue 13, item 6
+def test_twonn_without_discarding_is_the_mle_not_infinity():
+    """discard_fraction=0: −log(1−F) is ∞ at the largest μ, so the linear fit gave d = ∞; DADApy switches to
+    the MLE (N−1)/Σ log μ — checked against brute-force neighbour distances."""
+    X = _sphere(N=1500, seed=4)
+    r, _ = _brute(X, 2)
+    logmu = torch.log(r[:, 1] / r[:, 0])
+    ref = (len(logmu) - 1) / float(logmu.sum())
+    for method in ("linear", "mle"):
+        d = E.twonn(X, discard_fraction=0, method=method)
+        assert np.isfinite(d) and d == pytest.approx(ref, rel=1e-9)
+    assert ref == pytest.approx(5, rel=0.1)
+
+
+def _tied_cloud(N=1500, n_tied=40, seed=0):
+    """A 5-d Gaussian cloud on a dyadic grid plus, for n_tied of its points c, the four points c ± δe1, c ± δe2
+    (exact in float64): those c have r1 = r2 = r3 = r4 = δ, i.e. μ = 1 at every scale up to n2 = 4."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.round(torch.randn(N, 5, generator=g, dtype=torch.float64) * 1024) / 1024
+    c, d = X[:n_tied], 2.0 ** -12
+    e1, e2 = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    e1[0], e2[1] = d, d
+    return torch.cat([X, c + e1, c - e1, c + e2, c - e2])
+
+
+def _dadapy_gride(mus, n1, n2, d0=1e-3, d1=1e3, eps=1e-7):
+    """DADApy's _argmax_loglik transcribed: μ = 1 nudged by 10·eps, outliers cut, bisection on the score with
+    1 − μ^{−d} floored at 2·eps."""
+    mus = mus.copy()
+    mus[mus == 1] += 10 * np.finfo(np.float64).eps
+    q95, q50 = np.percentile(mus, [95, 50])
+    mus = mus[mus < 20 * (q95 - q50) + q50]
+    N = len(mus)
+
+    def score(d):
+        one = 1.0 - mus ** (-d)
+        one[one < 2 * eps] = 2 * eps
+        return np.sum(((1 - n2 + n1) / one + n2 - 1.0) * np.log(mus)) - (N - 1) / d
+    l1 = score(d1)
+    while abs(d0 - d1) > eps:
+        d2 = (d0 + d1) / 2.0
+        if score(d2) * l1 > 0:
+            d1 = d2
+        else:
+            d0 = d2
+    return (d0 + d1) / 2.0
+
+
+def test_gride_with_tied_distances_as_dadapy():
+    """μ = 1 (tied neighbour distances) made the score 0/0: brentq raised on NaN. Now μ = 1 is handled as DADApy
+    does, and the estimate equals DADApy's algorithm on brute-force distances."""
+    X = _tied_cloud()
+    r, _ = _brute(X, 4)
+    for n1, n2 in ((1, 2), (2, 4)):
+        mus = (r[:, n2 - 1] / r[:, n1 - 1]).numpy()
+        assert (mus == 1).sum() >= 40                                  # the ties are there
+        d = E.gride(X, n1, n2)
+        assert np.isfinite(d) and d == pytest.approx(_dadapy_gride(mus, n1, n2), rel=1e-5)
+        assert d == pytest.approx(5, rel=0.15)
+    prof = E.gride_profile(X, max_n2=8)
+    assert all(np.isfinite(v) for v in prof.values())
+
+
+def test_heldout_linearity_against_numpy_lstsq():
+    """In sample, unrelated clouds score ≈ d/N (0.5 at N = 2d) and 1 at N <= d+1; the held-out score (fit on
+    one half, score on the other) is ≈ 0 or below — checked against numpy's lstsq on the same split."""
+    from lensbench.probes.geometry import linear_fit_heldout, split_halves
+    g = torch.Generator().manual_seed(5)
+    d = 40
+    for N in (30, 80, 4000):
+        X = torch.randn(N, d, generator=g, dtype=torch.float64)
+        Y = torch.randn(N, d, generator=g, dtype=torch.float64)
+        tr, te = split_halves(N, seed=3)
+        x, y = X.numpy(), Y.numpy()
+        mx, my = x[tr].mean(0), y[tr].mean(0)
+        sx = np.linalg.norm(x[tr] - mx) / np.sqrt(len(tr))
+        sy = np.linalg.norm(y[tr] - my) / np.sqrt(len(tr))
+        A = np.linalg.lstsq((x[tr] - mx) / sx, (y[tr] - my) / sy, rcond=None)[0]
+        yt = (y[te] - my) / sy
+        ref = 1 - ((((x[te] - mx) / sx) @ A - yt) ** 2).sum() / (yt ** 2).sum()
+        held = linear_fit_heldout(X, Y, seed=3)
+        assert held == pytest.approx(ref, rel=1e-8, abs=1e-8)
+        assert held < 0.05
+    # structured: Y = XQ + small noise stays near 1 held out
+    X = torch.randn(3000, d, generator=g, dtype=torch.float64)
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    assert linear_fit_heldout(X, X @ Q + 0.01 * torch.randn(3000, d, generator=g, dtype=torch.float64)) > 0.99
+
+
+def test_first_position_excluded_whatever_the_tokenizer(tiny):
+    """The tiny tokenizer adds no BOS (like SmolLM2): position 0 must still leave every cloud by default;
+    exclude_first="bos" and the deprecated exclude_bos=True keep it (no literal BOS)."""
+    import warnings
+    m = tiny("llama")
+    text = LONG[:600]
+    cap = m.capture(text, progress=False)
+    assert int(cap.input_ids(0)[0]) != m.tokenizer.bos_token_id
+    h = cap.hidden_states(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        new = lb.intrinsic_dimension(m, text, estimator="twonn", layers=[1])
+        old = lb.intrinsic_dimension(m, text, estimator="twonn", layers=[1], exclude_first="bos")
+        alias = lb.intrinsic_dimension(m, text, estimator="twonn", layers=[1], exclude_bos=True)
+        an = lb.anisotropy(m, text, layers=[1])
+    assert new.values[0, 0] == pytest.approx(E.twonn(h[1][1:]), rel=1e-9)
+    assert new.n_tokens == [h.shape[1] - 1] and new.settings["exclude_first"] is True
+    assert old.values[0, 0] == pytest.approx(E.twonn(h[1]), rel=1e-9) and alias == old
+    from lensbench.probes.geometry import anisotropy_of
+    assert an.values[0, 0] == pytest.approx(anisotropy_of(h[1][1:]), rel=1e-9)
+    assert "first token excluded" in new.figure().layout.title.text
+
+
+def test_post_norm_last_layer_is_hf_hidden_states(tiny):
+    """last_layer="post_norm" (default): the cloud of layer L is HF hidden_states[-1] (after the final norm),
+    from the raw HF model; "pre_norm" is the last block's output before it."""
+    import warnings
+    m = tiny("llama")
+    text = LONG[:600]
+    ids = m.encode(text)[None]
+    with torch.no_grad():
+        hs = m.model(ids, output_hidden_states=True).hidden_states
+    L = m.n_layers
+    post, pre = hs[-1][0, 1:].double(), m.capture(text, progress=False).hidden_states(0)[L][1:].double()
+    assert not torch.allclose(post, pre, atol=1e-3)              # the final norm matters
+    from lensbench.probes.geometry import anisotropy_of, cosine_stats
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        an = lb.anisotropy(m, text, layers=[L])
+        an_pre = lb.anisotropy(m, text, layers=[L], last_layer="pre_norm")
+        cos = lb.cosine_similarity(m, text, layers=[L])
+        tw = lb.intrinsic_dimension(m, text, estimator="twonn", layers=[L])
+    assert an.values[0, 0] == pytest.approx(anisotropy_of(post), rel=1e-5)
+    assert an_pre.values[0, 0] == pytest.approx(anisotropy_of(pre), rel=1e-5)
+    assert cos.values[0, 0] == pytest.approx(cosine_stats(post)[0], rel=1e-5)
+    assert tw.values[0, 0] == pytest.approx(E.twonn(post), rel=1e-4)
+    assert an.settings["last_layer"] == "post_norm" and "after the final norm" in an.figure().layout.title.text
+    lin = lb.linearity(m, [t[:1500] for t in lb.sample_texts(4)], layers=[L - 1, L])
+    assert lin.settings["last_layer"] == "post_norm" and lin.layers == [L - 1]
+
+
+def test_linearity_reports_heldout_and_warns_below_10d(tiny):
+    m = tiny("llama")
+    texts = [t[:200] for t in lb.sample_texts(2)]               # N between d+1 and 10·d pooled tokens
+    with pytest.warns(UserWarning, match="N < 10·d"):
+        lin = lb.linearity(m, texts)
+    assert lin.d_model + 1 < lin.n_points < 10 * lin.d_model
+    assert lin.score_heldout.shape == lin.score.shape and np.isfinite(lin.score_heldout).all()
+    assert (lin.score_heldout < lin.score).all()                # in sample is optimistic
+    df = lin.to_dataframe()
+    assert {"linearity_heldout", "linearity_no_residual_heldout", "n_points"} <= set(df.columns)

@@ -2,8 +2,19 @@
 similarity, anisotropy, layer-to-layer linearity and per-token nonlinearity, shuffle baselines, and the
 correlation of geometry with loss.
 
-A prompt's point cloud at layer l is X ∈ R^{T×d}: its tokens' residuals (BOS excluded by default). All
-statistics are computed on the model's device inside the capture engine's per-batch reduction, in float64
+A prompt's point cloud at layer l is X ∈ R^{T×d}: its tokens' residuals. Two conventions follow the papers
+(which read Hugging Face ``hidden_states``):
+
+* ``exclude_first=True`` (default) drops position 0 of every prompt whatever the tokenizer: with or without a
+  BOS token, the first position is the attention sink and carries massive activations (SmolLM2 adds no BOS,
+  so a BOS-only rule kept it in every cloud). ``exclude_first="bos"`` drops it only when it is the
+  tokenizer's BOS id (the behaviour before issue 13); ``False`` keeps every token.
+* ``last_layer="post_norm"`` (default) makes the cloud of the last layer L the final norm applied to the
+  last block's output, ``final_norm(h_L)`` — what HF ``hidden_states[-1]`` holds, the papers' last layer.
+  ``last_layer="pre_norm"`` uses h_L itself (the capture's layer L; the behaviour before issue 13). Every
+  result records both choices in ``settings`` and its figure says which were used.
+
+All statistics are computed on the model's device inside the capture engine's per-batch reduction, in float64
 (float32 on devices without it), so only small per-layer numbers leave the device.
 """
 
@@ -25,16 +36,69 @@ from ..results import Result
 
 ESTIMATORS = ("gride", "twonn", "mle", "pca")
 MIN_TOKENS_STABLE = 500
+LAST_LAYER = ("post_norm", "pre_norm")
+LINEARITY_MIN_RATIO = 10  # linearity warns below N = 10·d pooled points (the in-sample score is inflated)
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _cloud(batch: CaptureBatch, b: int, layer: int, exclude_bos: bool) -> torch.Tensor:
+def _view(exclude_first, exclude_bos, last_layer: str) -> tuple:
+    """Validate the cloud conventions; ``exclude_bos`` is the deprecated spelling of ``exclude_first``."""
+    if exclude_bos is not None:
+        warnings.warn("exclude_bos is deprecated: use exclude_first=True (drop position 0 whatever the "
+                      "tokenizer), exclude_first='bos' (only a literal BOS, the old exclude_bos=True) or False.",
+                      DeprecationWarning, stacklevel=3)
+        exclude_first = "bos" if exclude_bos else False
+    if exclude_first not in (True, False, "bos"):
+        raise InputError(f"exclude_first must be True, False or 'bos', got {exclude_first!r}.")
+    if last_layer not in LAST_LAYER:
+        raise InputError(f"last_layer must be one of {LAST_LAYER}, got {last_layer!r}.")
+    return exclude_first, last_layer
+
+
+def _skip(m: LensModel, ids: torch.Tensor, exclude_first) -> int:
+    """Leading positions dropped from a prompt's cloud (0 or 1)."""
+    if exclude_first is True:
+        return 1 if len(ids) > 1 else 0
+    if exclude_first == "bos":
+        bos = m.tokenizer.bos_token_id
+        return 1 if bos is not None and len(ids) and int(ids[0]) == bos else 0
+    return 0
+
+
+def final_norm(m: LensModel, X: torch.Tensor) -> torch.Tensor:
+    """``final_norm(X)``: the model's own final norm (every module between the last block and the
+    unembedding), in the model's dtype on its device, returned on ``X``'s device — HF ``hidden_states[-1]``
+    for the last block's output X (``[..., d_model]``)."""
+    w = m.unembed_module.weight
+    with torch.no_grad():
+        return m.apply_final(X.to(device=w.device, dtype=w.dtype)).to(X.device)
+
+
+def _layer_view(m: LensModel, X: torch.Tensor, layer: int, last_layer: str) -> torch.Tensor:
+    return final_norm(m, X) if last_layer == "post_norm" and layer == m.n_layers else X
+
+
+def _cloud(batch: CaptureBatch, b: int, layer: int, exclude_first, last_layer: str = "pre_norm") -> torch.Tensor:
     X = batch.hidden[layer][b, batch.span(b)]
-    if exclude_bos:
-        bos = batch.model.tokenizer.bos_token_id
-        if bos is not None and int(batch.ids_of(b)[0]) == bos:
-            X = X[1:]
-    return X
+    X = X[_skip(batch.model, batch.ids_of(b), exclude_first):]
+    return _layer_view(batch.model, X, layer, last_layer)
+
+
+def _describe(settings: dict) -> str:
+    """The cloud conventions of a result, for figure titles."""
+    ef = settings.get("exclude_first", settings.get("exclude_bos"))
+    first = {True: "first token excluded", "bos": "BOS excluded", False: "all tokens"}.get(ef, "")
+    last = {"post_norm": "last layer after the final norm", "pre_norm": "last layer before the final norm"}.get(
+        settings.get("last_layer"), "")
+    return " · ".join(x for x in (first, last) if x)
+
+
+def _annotate(fig, settings: dict):
+    desc = _describe(settings)
+    if desc:
+        title = fig.layout.title.text or ""
+        fig.update_layout(title=f"{title}<br><sup>{desc}</sup>", margin={"t": 80})
+    return fig
 
 
 def estimate_id(X: torch.Tensor, estimator: str = "gride", scale: int = 4, *, var: float = 0.9,
@@ -98,8 +162,9 @@ class GeometryResult(Result):
         values: ``[n_rows, n_layers]`` float64.
         spread: ``[n_rows, n_layers]`` (std of the pairwise cosines for "cosine"; NaN otherwise).
         loss: ``[n_rows]`` each prompt's mean next-token cross-entropy (nats).
-        n_tokens: tokens per row (after BOS exclusion); duplicates: ``[n_rows, n_layers]`` points removed.
-        settings: estimator, scale, per, exclude_bos, k.
+        n_tokens: tokens per row (after the first-token exclusion); duplicates: ``[n_rows, n_layers]`` points
+            removed.
+        settings: estimator, scale, per, exclude_first, last_layer, k.
     """
 
     measure: str
@@ -125,7 +190,7 @@ class GeometryResult(Result):
 
     def figure(self, **kw):
         from ..plots import geometry_profile
-        return geometry_profile(self, **kw)
+        return _annotate(geometry_profile(self, **kw), self.settings)
 
 
 @dataclasses.dataclass(eq=False)
@@ -134,12 +199,17 @@ class LinearityResult(Result):
 
     Attributes:
         layers: l for each transition l -> l+1.
-        score: ``[n]`` 1 − ‖XA − Y‖²_F on centred, Frobenius-normalised clouds (with the residual).
+        score: ``[n]`` 1 − ‖XA − Y‖²_F on centred, Frobenius-normalised clouds (with the residual), in sample
+            (the papers' number; inflated when N is not ≫ d: ≈ d/N for unrelated clouds, 1 at N ≤ d + 1).
         score_no_residual: ``[n]`` the same with Y − X in place of Y.
         n_points: pooled tokens the maps were fitted on; d_model.
         prompt, tokens: the prompt whose per-token nonlinearity is reported (may be empty).
         per_token: ``[n, T]`` ‖x̃_i A* − ỹ_i‖ per token of ``prompt`` with A* fitted on the pool
             (clouds scaled to unit mean squared norm, so 1 − mean(per_token²) over the pool = score).
+        score_heldout, score_no_residual_heldout: ``[n]`` the same scores with A fitted on a random half of
+            the pooled tokens and scored on the other half (see :func:`linear_fit_heldout`): ≈ 0 or below
+            for unrelated clouds whatever N/d.
+        settings: exclude_first, last_layer, seed, split.
     """
 
     layers: list
@@ -151,15 +221,33 @@ class LinearityResult(Result):
     tokens: list = dataclasses.field(default_factory=list)
     per_token: np.ndarray | None = None
     model_name: str = ""
+    score_heldout: np.ndarray | None = None
+    score_no_residual_heldout: np.ndarray | None = None
+    settings: dict = dataclasses.field(default_factory=dict)
 
     def to_dataframe(self):
         import pandas as pd
-        return pd.DataFrame({"layer": self.layers, "next_layer": [la + 1 for la in self.layers],
-                             "linearity": self.score, "linearity_no_residual": self.score_no_residual})
+        df = pd.DataFrame({"layer": self.layers, "next_layer": [la + 1 for la in self.layers],
+                           "linearity": self.score, "linearity_no_residual": self.score_no_residual})
+        if self.score_heldout is not None:
+            df["linearity_heldout"] = self.score_heldout
+            df["linearity_no_residual_heldout"] = self.score_no_residual_heldout
+        df["n_points"] = self.n_points
+        return df
 
     def figure(self, kind: str = "score"):
+        import plotly.graph_objects as go
+
         from ..plots import linearity_figure, nonlinearity_heatmap
-        return nonlinearity_heatmap(self) if kind == "per_token" else linearity_figure(self)
+        if kind == "per_token":
+            return _annotate(nonlinearity_heatmap(self), self.settings)
+        fig = linearity_figure(self)
+        if self.score_heldout is not None:
+            for y, name in ((self.score_heldout, "with residual, held-out half"),
+                            (self.score_no_residual_heldout, "without residual, held-out half")):
+                fig.add_trace(go.Scatter(x=self.layers, y=y, mode="lines+markers", name=name,
+                                         line={"dash": "dot"}))
+        return _annotate(fig, self.settings)
 
 
 @dataclasses.dataclass(eq=False)
@@ -184,7 +272,7 @@ class ShuffleResult(Result):
 
     def figure(self):
         from ..plots import shuffle_figure
-        return shuffle_figure(self)
+        return _annotate(shuffle_figure(self), self.settings)
 
 
 @dataclasses.dataclass(eq=False)
@@ -213,7 +301,7 @@ class CorrelationResult(Result):
 
 
 # --------------------------------------------------------------------------------------------- per-prompt measures
-def _per_prompt(m: LensModel, texts, layers, fn, *, exclude_bos: bool, batch_size, progress: bool,
+def _per_prompt(m: LensModel, texts, layers, fn, *, exclude_first, last_layer: str, batch_size, progress: bool,
                 adjacent: bool = False, name: str = "geometry"):
     """Run ``fn(X) -> (value, spread, dups)`` (or ``fn(X, Y)`` for adjacent layers) per prompt and layer."""
     layers = m.check_layers(layers)
@@ -230,12 +318,12 @@ def _per_prompt(m: LensModel, texts, layers, fn, *, exclude_bos: bool, batch_siz
         for b in range(len(batch.indices)):
             vals = []
             for la in layers:
-                X = _cloud(batch, b, la, exclude_bos)
+                X = _cloud(batch, b, la, exclude_first, last_layer)
                 if adjacent:
-                    vals.append(fn(X, _cloud(batch, b, la + 1, exclude_bos)))
+                    vals.append(fn(X, _cloud(batch, b, la + 1, exclude_first, last_layer)))
                 else:
                     vals.append(fn(X))
-            T = _cloud(batch, b, layers[0], exclude_bos).shape[0]
+            T = len(batch.ids_of(b)) - _skip(batch.model, batch.ids_of(b), exclude_first)
             out.append((vals, _loss(batch, b), T))
         return out
 
@@ -251,9 +339,17 @@ def _per_prompt(m: LensModel, texts, layers, fn, *, exclude_bos: bool, batch_siz
     return layers, cap.texts, vals, spread, dups, loss, ntok
 
 
+_VIEW_ARGS = """        exclude_first: True (default) drops position 0 of every prompt (the attention sink, with or
+            without a BOS token); "bos" only a literal BOS token (the old ``exclude_bos=True``); False keeps all.
+        last_layer: "post_norm" (default) — layer L is ``final_norm(h_L)``, as HF ``hidden_states[-1]`` and
+            the papers; "pre_norm" — the last block's output h_L before the final norm.
+        exclude_bos: deprecated alias (True → exclude_first="bos", False → False)."""
+
+
 def intrinsic_dimension(m: LensModel, texts, *, estimator: str = "gride", scale: int = 4, per: str = "prompt",
-                        layers=None, exclude_bos: bool = True, max_points: int = 50_000,
-                        batch_size: int | str = "auto", progress: bool = True, seed: int = 0) -> GeometryResult:
+                        layers=None, exclude_first: bool | str = True, last_layer: str = "post_norm",
+                        max_points: int = 50_000, batch_size: int | str = "auto", progress: bool = True,
+                        seed: int = 0, exclude_bos: bool | None = None) -> GeometryResult:
     """Intrinsic dimension of each layer's token cloud.
 
     Args:
@@ -261,27 +357,30 @@ def intrinsic_dimension(m: LensModel, texts, *, estimator: str = "gride", scale:
         estimator: "gride" (default; ``scale`` = n2, n1 = n2/2), "twonn", "mle" or "pca" (90% variance).
         per: "prompt" — one ID per prompt per layer (Geometry-of-Tokens; stable for T ≳ 500, warns below);
             "pooled" — tokens of all prompts pooled per layer (LLM-Microscope).
-        exclude_bos: drop a leading BOS token (it carries massive activations).
+{view}
         max_points: pooled clouds larger than this are subsampled (seeded).
     """
+    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
     _check_estimator(estimator, scale)
     if per not in ("prompt", "pooled"):
         raise InputError("per must be 'prompt' or 'pooled'.")
-    settings = {"estimator": estimator, "scale": scale, "per": per, "exclude_bos": exclude_bos}
+    settings = {"estimator": estimator, "scale": scale, "per": per, "exclude_first": exclude_first,
+                "last_layer": last_layer}
     if per == "prompt":
         def fn(X):
             d, dup = estimate_id(X, estimator, scale)
             return d, float("nan"), dup
         layers, prompts, vals, spread, dups, loss, ntok = _per_prompt(
-            m, texts, layers, fn, exclude_bos=exclude_bos, batch_size=batch_size, progress=progress)
+            m, texts, layers, fn, exclude_first=exclude_first, last_layer=last_layer, batch_size=batch_size,
+            progress=progress)
         if min(ntok) < MIN_TOKENS_STABLE:
             warnings.warn(f"per='prompt' with {min(ntok)} tokens in the shortest prompt: per-prompt ID needs "
                           f"T ≳ {MIN_TOKENS_STABLE} tokens to be stable; use longer prompts or per='pooled'.",
                           stacklevel=2)
         return GeometryResult("id", layers, prompts, vals, spread, loss, ntok, dups, settings, m.name)
-    pools, prompts, loss, layers = pooled_clouds(m, texts, layers=layers, exclude_bos=exclude_bos,
-                                                 max_points=max_points, batch_size=batch_size,
-                                                 progress=progress, seed=seed)
+    pools, prompts, loss, layers = pooled_clouds(m, texts, layers=layers, exclude_first=exclude_first,
+                                                 last_layer=last_layer, max_points=max_points,
+                                                 batch_size=batch_size, progress=progress, seed=seed)
     vals, dups = [], []
     for X in pools:
         d, dup = estimate_id(X, estimator, scale)
@@ -293,14 +392,20 @@ def intrinsic_dimension(m: LensModel, texts, *, estimator: str = "gride", scale:
                           m.name)
 
 
-def pooled_clouds(m: LensModel, texts, *, layers=None, exclude_bos: bool = True, max_points: int = 50_000,
-                  batch_size: int | str = "auto", progress: bool = True, seed: int = 0):
+intrinsic_dimension.__doc__ = intrinsic_dimension.__doc__.replace("{view}", _VIEW_ARGS)
+
+
+def pooled_clouds(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True,
+                  last_layer: str = "post_norm", max_points: int = 50_000, batch_size: int | str = "auto",
+                  progress: bool = True, seed: int = 0, exclude_bos: bool | None = None):
     """Token clouds pooled over prompts, one ``[N, d]`` float32 CPU tensor per layer (subsampled to
-    ``max_points``). Returns (clouds, texts, per-prompt losses, layers)."""
+    ``max_points``; ``exclude_first``, ``last_layer`` as in :func:`intrinsic_dimension`). Returns (clouds,
+    texts, per-prompt losses, layers)."""
+    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
     layers = m.check_layers(layers)
 
     def reduce(batch: CaptureBatch) -> list:
-        return [([_cloud(batch, b, la, exclude_bos).float().cpu() for la in layers], _loss(batch, b))
+        return [([_cloud(batch, b, la, exclude_first, last_layer).float().cpu() for la in layers], _loss(batch, b))
                 for b in range(len(batch.indices))]
     if isinstance(texts, Capture):
         cap = _from_capture(m, texts, layers, reduce)
@@ -313,9 +418,12 @@ def pooled_clouds(m: LensModel, texts, *, layers=None, exclude_bos: bool = True,
     return pools, cap.texts, np.array([r[1] for r in cap.results]), layers
 
 
-def neighborhood_overlap(m: LensModel, texts, *, k: int = 10, layers=None, exclude_bos: bool = True,
-                         batch_size: int | str = "auto", progress: bool = True) -> GeometryResult:
-    """χ_k(l, l+1): mean fraction of each token's k nearest neighbours shared by adjacent layers, per prompt."""
+def neighborhood_overlap(m: LensModel, texts, *, k: int = 10, layers=None, exclude_first: bool | str = True,
+                         last_layer: str = "post_norm", batch_size: int | str = "auto", progress: bool = True,
+                         exclude_bos: bool | None = None) -> GeometryResult:
+    """χ_k(l, l+1): mean fraction of each token's k nearest neighbours shared by adjacent layers, per prompt
+    (``exclude_first``, ``last_layer`` as in :func:`intrinsic_dimension`)."""
+    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"k must be a positive int, got {k!r}.")
 
@@ -336,9 +444,10 @@ def neighborhood_overlap(m: LensModel, texts, *, k: int = 10, layers=None, exclu
             raise InputError(f"a prompt has {X.shape[0]} tokens; neighbourhood overlap with k={k} needs more.")
         return float(E.overlap_counts(nbrs(X), nbrs(Y)).double().mean() / k), float("nan"), 0
     layers, prompts, vals, spread, dups, loss, ntok = _per_prompt(
-        m, texts, layers, fn, exclude_bos=exclude_bos, batch_size=batch_size, progress=progress, adjacent=True)
+        m, texts, layers, fn, exclude_first=exclude_first, last_layer=last_layer, batch_size=batch_size,
+        progress=progress, adjacent=True)
     return GeometryResult("overlap", layers, prompts, vals, spread, loss, ntok, dups,
-                          {"k": k, "exclude_bos": exclude_bos}, m.name)
+                          {"k": k, "exclude_first": exclude_first, "last_layer": last_layer}, m.name)
 
 
 def cosine_stats(X: torch.Tensor) -> tuple[float, float]:
@@ -359,27 +468,37 @@ def anisotropy_of(X: torch.Tensor) -> float:
     return float(s[0] / s.sum())
 
 
-def cosine_similarity(m: LensModel, texts, *, layers=None, exclude_bos: bool = True,
-                      batch_size: int | str = "auto", progress: bool = True) -> GeometryResult:
-    """Mean (``values``) and std (``spread``) of pairwise cosine between distinct tokens, per prompt and layer."""
+def cosine_similarity(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True,
+                      last_layer: str = "post_norm", batch_size: int | str = "auto", progress: bool = True,
+                      exclude_bos: bool | None = None) -> GeometryResult:
+    """Mean (``values``) and std (``spread``) of pairwise cosine between distinct tokens, per prompt and layer
+    (``exclude_first``, ``last_layer`` as in :func:`intrinsic_dimension`)."""
+    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
+
     def fn(X):
         mu, sd = cosine_stats(X)
         return mu, sd, 0
     layers, prompts, vals, spread, dups, loss, ntok = _per_prompt(
-        m, texts, layers, fn, exclude_bos=exclude_bos, batch_size=batch_size, progress=progress)
+        m, texts, layers, fn, exclude_first=exclude_first, last_layer=last_layer, batch_size=batch_size,
+        progress=progress)
     return GeometryResult("cosine", layers, prompts, vals, spread, loss, ntok, dups,
-                          {"exclude_bos": exclude_bos, "diagonal": "excluded"}, m.name)
+                          {"exclude_first": exclude_first, "last_layer": last_layer, "diagonal": "excluded"}, m.name)
 
 
-def anisotropy(m: LensModel, texts, *, layers=None, exclude_bos: bool = True, batch_size: int | str = "auto",
-               progress: bool = True) -> GeometryResult:
-    """Top eigenvalue of the centred covariance over its trace, per prompt and layer."""
+def anisotropy(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True, last_layer: str = "post_norm",
+               batch_size: int | str = "auto", progress: bool = True,
+               exclude_bos: bool | None = None) -> GeometryResult:
+    """Top eigenvalue of the centred covariance over its trace, per prompt and layer (``exclude_first``,
+    ``last_layer`` as in :func:`intrinsic_dimension`)."""
+    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
+
     def fn(X):
         return anisotropy_of(X), float("nan"), 0
     layers, prompts, vals, spread, dups, loss, ntok = _per_prompt(
-        m, texts, layers, fn, exclude_bos=exclude_bos, batch_size=batch_size, progress=progress)
+        m, texts, layers, fn, exclude_first=exclude_first, last_layer=last_layer, batch_size=batch_size,
+        progress=progress)
     return GeometryResult("anisotropy", layers, prompts, vals, spread, loss, ntok, dups,
-                          {"exclude_bos": exclude_bos}, m.name)
+                          {"exclude_first": exclude_first, "last_layer": last_layer}, m.name)
 
 
 # --------------------------------------------------------------------------------------------- linearity
@@ -407,7 +526,8 @@ class _LstsqSolver:
 def linear_fit(X, Y, *, rcond: float = 1e-12, _solver: _LstsqSolver | None = None):
     """Linearity score of Y ≈ XA on centred clouds scaled to unit mean squared norm; float64 least squares
     with a singular-value cutoff. Returns (score, A, normalisation dict). Score = 1 − ‖XA − Y‖²_F / N
-    (identical to the spec's Frobenius-normalised form)."""
+    (identical to the spec's Frobenius-normalised form). In sample: ≈ d/N for unrelated X, Y and exactly 1
+    at N ≤ d + 1 — see :func:`linear_fit_heldout`."""
     X = E.as_points(X, param="X")
     Y = E.as_points(Y, param="Y")
     if X.shape[0] != Y.shape[0]:
@@ -421,42 +541,89 @@ def linear_fit(X, Y, *, rcond: float = 1e-12, _solver: _LstsqSolver | None = Non
     return score, A, {"mx": mx, "sx": sx, "my": my, "sy": sy, "solver": solver}
 
 
-def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, exclude_bos: bool = True,
-              max_points: int = 50_000, batch_size: int | str = "auto", progress: bool = True,
-              seed: int = 0) -> LinearityResult:
+def split_halves(N: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of ``range(N)`` into a fitting half (⌊N/2⌋ rows) and a scoring half."""
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+    return perm[: N // 2], perm[N // 2:]
+
+
+def linear_fit_heldout(X, Y, *, seed: int = 0, rcond: float = 1e-12, split=None,
+                       _solver: _LstsqSolver | None = None) -> float:
+    """Held-out linearity score: A fitted (as :func:`linear_fit`) on a random half of the rows, scored on the
+    other half, both halves centred and scaled with the fitting half's statistics:
+    1 − Σ_test ‖x̃A − ỹ‖² / Σ_test ‖ỹ‖². Equals the in-sample score when both halves are the same rows; ≈ 0
+    or below for unrelated X, Y whatever N/d (the in-sample score is ≈ d/N there, 1 at N ≤ d + 1).
+    ``split``: (fit rows, score rows) to use instead of :func:`split_halves`."""
+    X = E.as_points(X, param="X")
+    Y = E.as_points(Y, param="Y")
+    if X.shape[0] != Y.shape[0]:
+        raise InputError("X and Y must have the same number of rows (the same tokens).")
+    tr, te = split if split is not None else split_halves(X.shape[0], seed)
+    if len(tr) < 2 or len(te) < 1:
+        raise InputError(f"a held-out linearity score needs at least 4 points, got N={X.shape[0]}.")
+    _, A, nm = linear_fit(X[tr], Y[tr], rcond=rcond, _solver=_solver)
+    x = (X[te] - nm["mx"]) / nm["sx"]
+    y = (Y[te] - nm["my"]) / nm["sy"]
+    return 1.0 - float(((x @ A - y) ** 2).sum()) / float((y ** 2).sum())
+
+
+def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, exclude_first: bool | str = True,
+              last_layer: str = "post_norm", max_points: int = 50_000, batch_size: int | str = "auto",
+              progress: bool = True, seed: int = 0, exclude_bos: bool | None = None) -> LinearityResult:
     """Layer-to-layer linearity of the pooled token clouds, with and without the residual stream, and the
     per-token nonlinearity of ``prompt`` (default: the first text) under the maps fitted on the pool.
 
-    Warns when the pool has N <= d + 1 points (the fit is then exact and the score 1 identically).
+    Reports the papers' in-sample score and, beside it, a held-out one (maps fitted on a seeded random half
+    of the pooled tokens, scored on the other half: :func:`linear_fit_heldout`). Warns when the pool has
+    N < 10·d points (the in-sample score is then inflated by ≈ d/N; at N <= d + 1 it is 1 identically).
+    ``exclude_first``, ``last_layer`` as in :func:`intrinsic_dimension` (with "post_norm" the transition
+    L−1 → L maps onto ``final_norm(h_L)``, as the papers' HF ``hidden_states``).
     """
+    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
     layers = m.check_layers(layers)
     trans = [la for la in layers if la < m.n_layers]
     needed = sorted(set(trans) | {la + 1 for la in trans})
-    pools, prompts, _, got = pooled_clouds(m, texts, layers=needed, exclude_bos=exclude_bos,
-                                           max_points=max_points, batch_size=batch_size, progress=progress,
-                                           seed=seed)
+    pools, prompts, _, got = pooled_clouds(m, texts, layers=needed, exclude_first=exclude_first,
+                                           last_layer=last_layer, max_points=max_points, batch_size=batch_size,
+                                           progress=progress, seed=seed)
     idx = {la: i for i, la in enumerate(got)}
     N, d = pools[0].shape
     if N <= d + 1:
         warnings.warn(f"linearity fitted on N={N} points in d={d}: with N <= d+1 the least-squares fit is exact "
                       "and the score is 1 whatever the model does; pool more tokens (N >> d).", stacklevel=2)
+    elif N < LINEARITY_MIN_RATIO * d:
+        warnings.warn(f"linearity fitted on N={N} points in d={d} (N < {LINEARITY_MIN_RATIO}·d): the in-sample "
+                      f"score is inflated by about d/N = {d / N:.2f}; read the held-out score "
+                      "(score_heldout) or pool more tokens.", stacklevel=2)
     prompt = prompts[0] if prompt is None else prompt
     pc = m.capture(prompt, layers=needed, progress=False)
     ph = pc.hidden_states(0)
     toks = pc.tokens(0)
-    if exclude_bos and m.tokenizer.bos_token_id is not None and int(pc.input_ids(0)[0]) == m.tokenizer.bos_token_id:
-        ph, toks = ph[:, 1:], toks[1:]
-    score, score_nr, per_tok = [], [], []
+    skip = _skip(m, pc.input_ids(0), exclude_first)
+    ph, toks = ph[:, skip:], toks[skip:]
+    split = split_halves(N, seed) if N >= 4 else None
+    score, score_nr, per_tok, held, held_nr = [], [], [], [], []
     for la in trans:
         X, Y = pools[idx[la]], pools[idx[la + 1]]
         s, A, nm = linear_fit(X, Y)
         score.append(s)
         score_nr.append(linear_fit(X, Y - X, _solver=nm["solver"])[0])
+        if split is not None:
+            Xd = X.double()
+            solver = _LstsqSolver(_normalise(Xd[split[0]])[0], 1e-12)
+            held.append(linear_fit_heldout(X, Y, split=split, _solver=solver))
+            held_nr.append(linear_fit_heldout(X, Y - X, split=split, _solver=solver))
+        else:
+            held.append(float("nan"))
+            held_nr.append(float("nan"))
         x = (ph[idx[la]].double() - nm["mx"]) / nm["sx"]
-        y = (ph[idx[la + 1]].double() - nm["my"]) / nm["sy"]
+        y = (_layer_view(m, ph[idx[la + 1]], la + 1, last_layer).double() - nm["my"]) / nm["sy"]
         per_tok.append((x @ A - y).norm(dim=1).numpy())
     return LinearityResult(layers=trans, score=np.array(score), score_no_residual=np.array(score_nr), n_points=N,
-                           d_model=d, prompt=prompt, tokens=toks, per_token=np.stack(per_tok), model_name=m.name)
+                           d_model=d, prompt=prompt, tokens=toks, per_token=np.stack(per_tok), model_name=m.name,
+                           score_heldout=np.array(held), score_no_residual_heldout=np.array(held_nr),
+                           settings={"exclude_first": exclude_first, "last_layer": last_layer, "seed": seed,
+                                     "split": "random halves of the pooled tokens (seeded)"})
 
 
 # --------------------------------------------------------------------------------------------- shuffle, correlation
@@ -473,9 +640,14 @@ def block_shuffle(ids: torch.Tensor, S: int, seed: int = 0) -> torch.Tensor:
 
 
 def shuffle_baseline(m: LensModel, text: str, *, levels: Sequence[int] = (0, 1, 2, 3, 4, 5), seed: int = 0,
-                     estimator: str = "gride", scale: int = 4, layers=None, exclude_bos: bool = True,
-                     progress: bool = True) -> ShuffleResult:
-    """Loss and ID profile of ``text`` with its tokens block-shuffled at each level S (K = 4^S blocks)."""
+                     estimator: str = "gride", scale: int = 4, layers=None, exclude_first: bool | str = True,
+                     last_layer: str = "post_norm", progress: bool = True,
+                     exclude_bos: bool | None = None) -> ShuffleResult:
+    """Loss and ID profile of ``text`` with its tokens block-shuffled at each level S (K = 4^S blocks).
+
+    A literal leading BOS stays in front; every other token is shuffled. ``exclude_first``, ``last_layer``
+    as in :func:`intrinsic_dimension` (position 0 of each shuffled variant is dropped by default)."""
+    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
     _check_estimator(estimator, scale)
     ids = m.encode(text)
     bos = m.tokenizer.bos_token_id
@@ -485,9 +657,10 @@ def shuffle_baseline(m: LensModel, text: str, *, levels: Sequence[int] = (0, 1, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = intrinsic_dimension(m, variants, estimator=estimator, scale=scale, layers=layers,
-                                  exclude_bos=exclude_bos, progress=progress)
+                                  exclude_first=exclude_first, last_layer=last_layer, progress=progress)
     return ShuffleResult(levels=list(levels), loss=res.loss, id=res.values, layers=res.layers, text=text, seed=seed,
-                         settings={"estimator": estimator, "scale": scale})
+                         settings={"estimator": estimator, "scale": scale, "exclude_first": exclude_first,
+                                   "last_layer": last_layer})
 
 
 def geometry_loss_correlation(result: GeometryResult, *, log: bool = True) -> CorrelationResult:
