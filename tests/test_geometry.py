@@ -326,6 +326,8 @@ def test_contextual_memory_seeded_bf16_and_io(tiny, tmp_path):
     assert set(r1.token_class) <= {"punctuation", "stopword", "content", "other"} and r1.class_n.sum() > 0
     ok = r1.class_n > 1
     assert (r1.class_lo[ok] <= r1.class_mean[ok]).all() and (r1.class_mean[ok] <= r1.class_hi[ok]).all()
+    summ = r1.summary()
+    assert {"n_tokens", "n_texts", "ci_method"} <= set(summ.columns) and summ["n_texts"].max() <= len(texts)
     again = lb.Result.load(r1.save(tmp_path / "cm"))
     assert again == r1 and len(r1.to_dataframe()) == len(r1.score) and len(r1.summary()) == 4
     assert r1.figure() is not None and r1.figure("tokens") is not None
@@ -496,3 +498,41 @@ def test_linearity_reports_heldout_and_warns_below_10d(tiny):
     assert (lin.score_heldout < lin.score).all()                # in sample is optimistic
     df = lin.to_dataframe()
     assert {"linearity_heldout", "linearity_no_residual_heldout", "n_points"} <= set(df.columns)
+
+
+# --------------------------------------------------------------------------------------------- issue 13, item 7
+def test_contextual_memory_ci_resamples_texts(tiny):
+    """The per-class CIs are lensbench.stats.mean_ci with the texts as clusters (a t interval below 20 texts),
+    not a bootstrap over the overlapping tokens; the summary says how many tokens and texts each row has."""
+    from lensbench.stats import mean_ci
+    m = tiny("llama")
+    texts = [t[:300] for t in lb.sample_texts(4)]
+    r = lb.contextual_memory(m, texts, window=4, steps=8, progress=False)
+    full = r.n_prefix == 4
+    cls = np.asarray(r.token_class)
+    for j, c in enumerate(r.classes):
+        sel = full & (cls == c)
+        ref = mean_ci(r.score_per_token[sel], clusters=r.text_index[sel])
+        assert r.class_n[j] == ref.n and r.class_n_texts[j] == ref.n_clusters
+        if ref.n_clusters >= 2:
+            assert r.class_ci_method[j] == "t"
+            assert (r.class_lo[j], r.class_hi[j]) == pytest.approx((ref.lo, ref.hi), rel=1e-12)
+
+
+def test_memory_summary_intervals_cover_with_correlated_tokens():
+    """Tokens of one text share a text-level effect: over 200 simulated data sets of 6 texts x 80 tokens, the
+    interval over texts covers the true mean about 95% of the time; a token bootstrap covers far less."""
+    from lensbench.probes.memory import _summarise
+    rng = np.random.default_rng(0)
+    hits, n_sets = 0, 200
+    for _ in range(n_sets):
+        text = np.repeat(np.arange(6), 80)
+        x = rng.normal(0, 1, 6)[text] + rng.normal(0, 0.3, len(text))      # true mean 0
+        n, nt, mean, lo, hi, meth = _summarise(x, ["content"] * len(x), np.ones(len(x), bool), text, 200, 0)
+        j = list(lb.probes.memory.CLASSES).index("content")
+        assert nt[j] == 6 and n[j] == 480 and meth[j] == "t"
+        hits += lo[j] <= 0 <= hi[j]
+    assert hits / n_sets > 0.88
+    with pytest.warns(DeprecationWarning):
+        from lensbench.probes.memory import bootstrap_ci
+        assert np.isfinite(bootstrap_ci(np.arange(10.0))).all()
