@@ -8,7 +8,7 @@
 from . import estimators
 from .capture import Capture, CaptureBatch
 from .data import sample_texts
-from .errors import AnatomyError, InputError, LensbenchError, ModelLoadError
+from .errors import AnatomyError, InputError, LensbenchError, ModelLoadError, ModelRunError
 from .model import Anatomy, LensModel, load
 from .probes.attribution import AttributionResult, attribute, faithfulness
 from .probes.geometry import (
@@ -34,7 +34,7 @@ __all__ = [
     "estimators", "intrinsic_dimension", "neighborhood_overlap", "cosine_similarity", "anisotropy", "linearity",
     "shuffle_baseline", "geometry_loss_correlation", "GeometryResult", "LinearityResult", "ShuffleResult",
     "CorrelationResult", "attribute", "faithfulness", "AttributionResult", "sample_texts", "LensbenchError",
-    "InputError", "AnatomyError", "ModelLoadError",
+    "InputError", "AnatomyError", "ModelLoadError", "ModelRunError",
 ]
 
 # --- filler tokens (issue 6): exports go here ---

@@ -17,3 +17,7 @@ class AnatomyError(LensbenchError, RuntimeError):
 
 class ModelLoadError(LensbenchError, OSError):
     """A model could not be loaded (missing package, unknown name offline, unsafe weights)."""
+
+
+class ModelRunError(LensbenchError, RuntimeError):
+    """The model itself failed on an input lensbench gave it (its message and the model's error are shown)."""

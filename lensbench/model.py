@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .devices import resolve_device, resolve_dtype, tolerance
-from .errors import AnatomyError, InputError, ModelLoadError
+from .devices import is_oom, resolve_device, resolve_dtype, tolerance
+from .errors import AnatomyError, InputError, LensbenchError, ModelLoadError, ModelRunError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 #: what the embedded default model is, as results, reports and widgets name it
@@ -46,8 +46,12 @@ class Anatomy:
 
     Attributes:
         embed: path of the input embedding (``get_input_embeddings``).
-        blocks: path of the ``nn.ModuleList`` of decoder blocks.
-        n_layers: number of blocks ``L``.
+        blocks: path of the ``nn.ModuleList`` of decoder blocks, or several paths joined by ``" + "`` when the
+            stack lives in more than one list (given with ``anatomy={"blocks": [...]}``); blocks may be of
+            different classes (attention, SSM, MoE layers: Jamba, Zamba, FalconH1, RecurrentGemma, DeepSeek).
+        n_layers: number of blocks ``L``. Layer ``l`` is the residual stream between block ``l-1`` and
+            block ``l`` (0 = the input of block 0, ``L`` = the last block's output), whatever the block's kind;
+            a block that runs shared weights (Zamba's shared attention) counts at each depth it sits at.
         final: paths of modules applied, in order, between the last block and the unembedding
             (normally one final norm; OPT adds ``project_out``).
         unembed: path of the unembedding (``get_output_embeddings``).
@@ -55,7 +59,16 @@ class Anatomy:
         logit_scale: scalar multiplying the logits after the unembedding (Cohere), or None.
         logit_divisor: scalar dividing the logits after the unembedding (Granite), or None.
         d_model: width of the residual stream (may differ from the embedding width, e.g. OPT-350m).
+        streams: for multi-stream residuals (Gemma3n's AltUp keeps 4), how the streams are read: the name of
+            the merge the model itself applies before its final norm (the lens and geometry read that merged
+            stream, the one the model unembeds); None for one stream.
+        stream_merge: path of the model's own module that merges its streams (DeepSeek-V4's hyper-connection
+            head), applied to every layer's streams; None where an adapter or nothing merges.
         checks: name -> max abs difference measured by the load-time validation.
+        block_kinds: the block classes and where they sit, when the stack mixes them (e.g.
+            ``"JambaMambaDecoderLayer x2 (0, 2), JambaAttentionDecoderLayer x2 (1, 3)"``).
+        notes: what the validation found and did not need (e.g. an ``output_hidden_states`` convention that
+            differs from the hooked blocks, as Mamba's does).
     """
 
     embed: str
@@ -67,7 +80,11 @@ class Anatomy:
     logit_scale: float | None = None
     logit_divisor: float | None = None
     d_model: int = 0
+    streams: str | None = None
+    stream_merge: str | None = None
     checks: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    block_kinds: str = ""
 
     def __str__(self) -> str:
         post = []
@@ -79,11 +96,17 @@ class Anatomy:
             post.append(f"divide by {self.logit_divisor:g}")
         lines = [
             f"embedding     {self.embed}",
-            f"blocks        {self.blocks}[0..{self.n_layers - 1}]  (L = {self.n_layers})",
+            f"blocks        {self.blocks}[0..{self.n_layers - 1}]  (L = {self.n_layers}; layer l = the residual "
+            "entering block l, L = the last block's output)",
             f"final         {' -> '.join(self.final) or '(none)'}",
             f"unembedding   {self.unembed}" + (f"  then {', '.join(post)}" if post else ""),
         ]
+        if self.block_kinds:
+            lines.insert(2, f"block kinds   {self.block_kinds}")
+        if self.streams:
+            lines.insert(3, f"streams       several residual streams, read merged as the model does ({self.streams})")
         lines += [f"check         {k}: max |diff| = {v:.2e}  ok" for k, v in self.checks.items()]
+        lines += [f"note          {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,22 +130,109 @@ def _path_of(model: nn.Module, module: nn.Module) -> str:
 
 
 def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder's list of blocks: a ``ModuleList`` of the config's layer count (blocks may be of several
+    classes, as in hybrid attention/SSM stacks); among equal candidates the one with the most parameters."""
     n = _config_n_layers(model.config)
-    lists = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.ModuleList) and len(mod) > 0
-             and len({type(c) for c in mod}) == 1]
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
     if n is not None:
         matching = [(name, mod) for name, mod in lists if len(mod) == n]
     else:
-        longest = max((len(mod) for _, mod in lists), default=0)
-        matching = [(name, mod) for name, mod in lists if len(mod) == longest]
+        homo = [(name, mod) for name, mod in lists if len({type(c) for c in mod}) == 1]
+        longest = max((len(mod) for _, mod in homo), default=0)
+        matching = [(name, mod) for name, mod in homo if len(mod) == longest]
     # the decoder stack is the one with the most parameters among equal-length candidates, then shortest path
     matching.sort(key=lambda nm: (-sum(p.numel() for p in nm[1].parameters()), nm[0].count("."), nm[0]))
     if not matching:
+        found = ", ".join(f"{nm} ({len(md)})" for nm, md in lists[:6]) or "none"
         raise AnatomyError(
             f"could not find the list of decoder blocks ({n} expected from the config) in "
-            f"{type(model).__name__}; this architecture is not supported. Please report it with the model id.")
+            f"{type(model).__name__}; module lists found: {found}. If the stack is there under another shape, "
+            "name it: lb.load(model, tokenizer, anatomy={'blocks': 'path.to.layers'}) (or a list of paths "
+            "for a stack kept in several lists).")
     return matching[0]
+
+
+def _block_kinds(blocks: Sequence[nn.Module]) -> str:
+    kinds: dict[str, list[int]] = {}
+    for i, b in enumerate(blocks):
+        kinds.setdefault(type(b).__name__, []).append(i)
+    if len(kinds) < 2:
+        return ""
+    def where(ix):
+        return ", ".join(map(str, ix)) if len(ix) <= 6 else f"{ix[0]}, {ix[1]}, ..., {ix[-1]}"
+    return "; ".join(f"{k} x{len(ix)} ({where(ix)})" for k, ix in kinds.items())
+
+
+def _identity(h):
+    return h
+
+
+class _Stack(list):
+    """The ordered blocks of a model (one ``ModuleList`` or several concatenated)."""
+
+
+def _resolve(model: nn.Module, path: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as e:
+        top = [n for n, _ in model.named_children()]
+        raise AnatomyError(f"anatomy[{what!r}] = {path!r} is not a module of {type(model).__name__} ({e}); its "
+                           f"top-level modules are {top}. Print the model to see the paths.") from None
+
+
+def _blocks_of(model: nn.Module, spec) -> tuple[str, _Stack]:
+    paths = [spec] if isinstance(spec, str) else list(spec)
+    if not paths or not all(isinstance(p, str) for p in paths):
+        raise InputError("anatomy['blocks'] must be a dotted path or a list of paths, e.g. "
+                         "{'blocks': 'model.layers'} or {'blocks': ['model.layers_a', 'model.layers_b']}.")
+    stack = _Stack()
+    for p in paths:
+        mod = _resolve(model, p, "blocks")
+        stack.extend(mod if isinstance(mod, (nn.ModuleList, nn.Sequential)) else [mod])
+    return " + ".join(paths), stack
+
+
+# Post-unembedding transforms, by the config attribute that carries them (declarative; validated at load).
+_SOFTCAP_ATTRS = ("final_logit_softcapping", "output_logit_soft_cap", "logits_soft_cap")
+_SCALE_ATTRS = ("logit_scale",)
+_DIVISOR_ATTRS = ("logits_scaling",)
+
+
+def _config_scalar(cfg, names, *, neutral=(0, 1)) -> float | None:
+    for name in names:
+        v = getattr(cfg, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in neutral:
+            return float(v)
+    return None
+
+
+# Multi-stream residuals: the merge each model applies to its streams before the final norm (declarative
+# adapters keyed by config.model_type; the load-time check unembed(merge(last block)) == logits proves them).
+def _altup_merge(model: nn.Module):
+    """Gemma3n (AltUp): stream 0 plus the other streams projected back and rescaled to stream 0's RMS, averaged
+    (``Gemma3nTextModel.forward`` after its last layer)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    projs = base.altup_unembed_projections
+
+    def merge(h: torch.Tensor) -> torch.Tensor:
+        if h.dim() != 4:
+            return h
+        target = torch.mean(h[0] ** 2, dim=-1, keepdim=True) ** 0.5
+        out = [h[0]]
+        for i in range(1, h.shape[0]):
+            cur = projs[i - 1](h[i]).to(dtype=h.dtype, device=target.device)
+            mag = torch.sqrt(torch.mean(cur ** 2, dim=-1, keepdim=True).clamp(min=1e-5))
+            out.append(cur * target / mag)
+        return torch.stack(out).mean(0)
+    return merge
+
+
+_STREAM_ADAPTERS = {
+    "gemma3n_text": ("altup: mean of stream 0 and the re-projected streams 1..", _altup_merge,
+                     ("altup_unembed_projections",)),
+    "gemma3n": ("altup: mean of stream 0 and the re-projected streams 1..", _altup_merge,
+                ("altup_unembed_projections",)),
+}
 
 
 def _first_tensor(x):
@@ -144,20 +254,48 @@ def _hidden_from_input(args, kwargs):
     raise AnatomyError("could not find the hidden-state tensor among the first block's inputs")
 
 
-def discover_anatomy(model: nn.Module, input_ids: torch.Tensor) -> Anatomy:
+_ANATOMY_KEYS = ("embed", "blocks", "final", "unembed", "logit_softcap", "logit_scale", "logit_divisor")
+
+
+def discover_anatomy(model: nn.Module, input_ids: torch.Tensor, override: dict | None = None) -> Anatomy:
     """Find embed/blocks/final modules/unembed structurally, then order the final modules by running
-    ``input_ids`` once and recording which modules run after the last block and before the unembedding."""
-    embed_mod = model.get_input_embeddings()
-    unembed_mod = model.get_output_embeddings()
+    ``input_ids`` once and recording which modules run after the last block and before the unembedding.
+
+    ``override`` (``lb.load(..., anatomy={...})``) names any of ``embed``, ``blocks`` (a path or a list of paths),
+    ``final`` (list of paths, in order), ``unembed``, ``logit_softcap``/``logit_scale``/``logit_divisor``; the rest
+    is discovered. Either way the result is validated by :meth:`LensModel.validate`."""
+    override = dict(override or {})
+    bad = sorted(set(override) - set(_ANATOMY_KEYS))
+    if bad:
+        raise InputError(f"anatomy has unknown keys {bad}; allowed: {list(_ANATOMY_KEYS)}.")
+    if "embed" in override:
+        embed_mod = _resolve(model, override["embed"], "embed")
+    else:
+        embed_mod = model.get_input_embeddings()
+    if "unembed" in override:
+        unembed_mod = _resolve(model, override["unembed"], "unembed")
+    else:
+        try:
+            unembed_mod = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            unembed_mod = None
     if unembed_mod is None:
         raise AnatomyError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None); "
-                           "lensbench needs a causal LM with an unembedding (…ForCausalLM).")
-    blocks_path, blocks = _find_blocks(model)
-    block_mods = set(blocks.modules())
+                           "lensbench needs a causal LM with an unembedding (…ForCausalLM), or name it: "
+                           "lb.load(model, tokenizer, anatomy={'unembed': 'lm_head'}).")
+    if embed_mod is None:
+        raise AnatomyError(f"{type(model).__name__} has no input embedding; name it: "
+                           "lb.load(model, tokenizer, anatomy={'embed': 'model.embed_tokens'}).")
+    if "blocks" in override:
+        blocks_path, blocks = _blocks_of(model, override["blocks"])
+    else:
+        blocks_path, blocks = _find_blocks(model)
+    block_mods = {mm for b in blocks for mm in b.modules()}
     ancestors = set()
-    parts = blocks_path.split(".")
-    for i in range(len(parts)):
-        ancestors.add(".".join(parts[:i]))
+    for bp in blocks_path.split(" + "):
+        parts = bp.split(".")
+        for i in range(len(parts) + 1):
+            ancestors.add(".".join(parts[:i]))
     unembed_path = _path_of(model, unembed_mod)
 
     order: list[str] = []
@@ -170,6 +308,7 @@ def discover_anatomy(model: nn.Module, input_ids: torch.Tensor) -> Anatomy:
     def last_block_hook(_mod, _args, out):
         state["after_last"] = True
         state["d_model"] = int(_first_tensor(out).shape[-1])
+        state["ndim"] = _first_tensor(out).dim()
 
     def unembed_pre(*_):
         state["done"] = True
@@ -187,6 +326,11 @@ def discover_anatomy(model: nn.Module, input_ids: torch.Tensor) -> Anatomy:
     try:
         with torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise AnatomyError(f"{type(model).__name__} failed on a short validation input ({type(e).__name__}: {e}); "
+                           "lensbench cannot inspect a model that does not run a plain text forward. If this is a "
+                           "multimodal model, pass its text decoder (e.g. model.language_model with the "
+                           "output head) instead.") from e
     finally:
         for h in handles:
             h.remove()
@@ -195,14 +339,29 @@ def discover_anatomy(model: nn.Module, input_ids: torch.Tensor) -> Anatomy:
     final = [n for n in dict.fromkeys(final) if not isinstance(model.get_submodule(n), nn.Dropout)]
     # order by first *start* of execution: a parent finishes after its children, so use the listed order
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    softcap = getattr(cfg, "final_logit_softcapping", None) or None
-    scale = getattr(cfg, "logit_scale", None)
-    scale = float(scale) if isinstance(scale, (int, float)) and scale not in (0, 1) else None
-    div = getattr(cfg, "logits_scaling", None)
-    div = float(div) if isinstance(div, (int, float)) and div not in (0, 1) else None
+    adapter = _STREAM_ADAPTERS.get(getattr(cfg, "model_type", None)) or _STREAM_ADAPTERS.get(
+        getattr(model.config, "model_type", None))
+    streams = stream_merge = None
+    if adapter is not None:
+        streams, _, exclude = adapter
+        final = [n for n in final if not any(x in n.split(".") for x in exclude)]
+    elif state.get("ndim", 3) == 4 and final and "final" not in override:
+        # several residual streams [B, T, S, d] (hyper-connections): the first module after the last block is
+        # the model's own merge into the one stream it unembeds; the lens and geometry read its output
+        stream_merge, final = final[0], final[1:]
+        streams = f"merged by {stream_merge} (the model's own module, applied at every layer)"
+    if "final" in override:
+        fin = override["final"]
+        final = [fin] if isinstance(fin, str) else list(fin)
+        for f in final:
+            _resolve(model, f, "final")
+    softcap = override.get("logit_softcap", _config_scalar(cfg, _SOFTCAP_ATTRS, neutral=(0,)))
+    scale = override.get("logit_scale", _config_scalar(cfg, _SCALE_ATTRS))
+    div = override.get("logit_divisor", _config_scalar(cfg, _DIVISOR_ATTRS))
     return Anatomy(embed=_path_of(model, embed_mod), blocks=blocks_path, n_layers=len(blocks), final=final,
                    unembed=unembed_path, logit_softcap=float(softcap) if softcap else None, logit_scale=scale,
-                   logit_divisor=div, d_model=state.get("d_model", 0))
+                   logit_divisor=div, d_model=state.get("d_model", 0), streams=streams, stream_merge=stream_merge,
+                   block_kinds=_block_kinds(blocks))
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -221,7 +380,7 @@ class LensModel:
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, name: str | None = None, backend: str = "hf",
-                 wrapped: Any = None, validate: bool = True):
+                 wrapped: Any = None, validate: bool = True, anatomy: dict | None = None):
         if tokenizer is None:
             raise InputError("tokenizer is None; pass the model's tokenizer: lb.load(model, tokenizer).")
         self.model = model.eval()
@@ -233,9 +392,24 @@ class LensModel:
         self.wrapped = wrapped
         self.embed_module = model.get_input_embeddings()
         ids = self.encode(_VALIDATION_TEXT)[None].to(self.input_device)
-        self.anatomy = discover_anatomy(model, ids)
-        self.blocks = model.get_submodule(self.anatomy.blocks)
+        self.anatomy = discover_anatomy(model, ids, anatomy)
+        self.blocks = _blocks_of(model, self.anatomy.blocks.split(" + "))[1]
         self.final_modules = [model.get_submodule(p) for p in self.anatomy.final]
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        adapter = _STREAM_ADAPTERS.get(getattr(cfg, "model_type", None)) or _STREAM_ADAPTERS.get(
+            getattr(model.config, "model_type", None))
+        #: multi-stream residual -> the one stream the model unembeds ([S, B, T, d] or [B, T, S, d] -> [B, T, d]);
+        #: identity for one stream
+        if adapter is not None:
+            self.merge_streams = adapter[1](model)
+        elif self.anatomy.stream_merge:
+            merge_mod = model.get_submodule(self.anatomy.stream_merge)
+
+            def merge(h: torch.Tensor) -> torch.Tensor:
+                return _first_tensor(merge_mod(h)) if h.dim() == 4 else h
+            self.merge_streams = merge
+        else:
+            self.merge_streams = _identity
         self.unembed_module = model.get_submodule(self.anatomy.unembed)
         if validate:
             self.validate(ids)
@@ -369,14 +543,14 @@ class LensModel:
         handles = []
         if 0 in layers:
             def pre(_mod, args, kwargs):
-                store[0] = _hidden_from_input(args, kwargs)
+                store[0] = self.merge_streams(_hidden_from_input(args, kwargs))
             handles.append(self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
         for layer in layers:
             if layer == 0:
                 continue
 
             def post(_mod, _args, out, layer=layer):
-                store[layer] = _first_tensor(out)
+                store[layer] = self.merge_streams(_first_tensor(out))
             handles.append(self.blocks[layer - 1].register_forward_hook(post))
         try:
             yield store
@@ -410,39 +584,125 @@ class LensModel:
         input_ids = input_ids.to(self.input_device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.input_device)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
+        return run_model(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
 
     # ---- validation
     @torch.no_grad()
     def validate(self, input_ids: torch.Tensor | None = None) -> dict[str, float]:
-        """Prove the anatomy on a short input; raises :class:`AnatomyError` naming the failed check."""
+        """Prove the anatomy on a short input; raises :class:`AnatomyError` naming the failed check.
+
+        The proof does not trust any family's ``output_hidden_states`` convention (Mamba's has no embedding
+        entry and ends after the final norm): (1) every block's input is the previous block's hooked output
+        (nothing else runs on the residual between blocks; an exact positive rescaling, as RWKV's every 6
+        layers, is accepted and noted), (2) ``unembed(last block output)`` reproduces the model's logits.
+        Where ``output_hidden_states`` exists and agrees (in the usual or the shifted convention) it is checked
+        too; where it disagrees, that is noted, not fatal.
+        """
         if input_ids is None:
             input_ids = self.encode(_VALIDATION_TEXT)[None]
         input_ids = input_ids.to(self.input_device)
         tol = tolerance(self.dtype)
         checks: dict[str, float] = {}
-        with torch.no_grad(), self.hooks(None) as store:
-            out = self.forward(input_ids, output_hidden_states=True)
-        hs = getattr(out, "hidden_states", None)
+        notes: list[str] = []
         L = self.n_layers
+        inputs: dict[int, torch.Tensor] = {}
+        handles = []
+        for layer in range(1, L):
+            def pre(_mod, args, kwargs, layer=layer):
+                try:
+                    inputs[layer] = self.merge_streams(_hidden_from_input(args, kwargs))
+                except AnatomyError:
+                    pass
+            handles.append(self.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True))
+        try:
+            with torch.no_grad(), self.hooks(None) as store:
+                try:
+                    out = self.forward(input_ids, output_hidden_states=True)
+                except ModelRunError as e:
+                    if not isinstance(e.__cause__, TypeError):
+                        raise
+                    out = self.forward(input_ids)  # a forward without output_hidden_states
+        except ModelRunError as e:
+            raise AnatomyError(f"{self.name} failed on a short validation input: {e.__cause__!r}.") from e
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [la for la in range(L + 1) if la not in store]
+        if missing:
+            raise AnatomyError(f"the blocks {self.anatomy.blocks!r} of {self.name} did not all run on a forward pass "
+                               f"(no output for layers {missing[:8]}); name the stack the model runs: "
+                               "lb.load(model, tokenizer, anatomy={'blocks': ...}).")
+        shapes = {tuple(store[la].shape) for la in range(L + 1)}
+        if any(len(sh) != 3 for sh in shapes) or len({sh[-1] for sh in shapes}) != 1:
+            raise AnatomyError(
+                f"the residual stream of {self.name} is not one [batch, tokens, d_model] tensor per layer (shapes "
+                f"{sorted(shapes)}): the model keeps several streams and lensbench does not know how it merges them. "
+                "Name a module that merges them, or the text decoder: lb.load(model, tokenizer, anatomy={...}).")
         scale = max(float(store[L].float().abs().max()), 1.0)
-        if hs is not None and len(hs) == L + 1:
-            diffs = [float((hs[i].float() - store[i].float()).abs().max()) for i in range(L)]
-            last = store[L]
-            # HF's last hidden state is the last block's output either before or after the final modules
-            d_last = min(_maxdiff(hs[L], last), _maxdiff(hs[L], self.apply_final(last)),
-                         _maxdiff(hs[L], self.apply_final(last) if not self.final_modules else
-                                  _first_tensor(self.final_modules[0](last))))
-            checks["hooked blocks == output_hidden_states"] = max(diffs + [d_last])
-            if checks["hooked blocks == output_hidden_states"] > tol * scale:
-                worst = max(range(L), key=lambda i: diffs[i])
+        # (1) chain: block l's input == block l-1's output
+        chain = 0.0
+        for layer in range(1, L):
+            if layer not in inputs:
+                continue
+            a, b = inputs[layer].float(), store[layer].float()
+            d = _maxdiff(a, b)
+            if d > tol * max(float(b.abs().max()), 1.0):
+                c = float((a * b).sum() / (b * b).sum().clamp(min=1e-30)) if a.shape == b.shape else float("nan")
+                if c > 0 and _maxdiff(a, c * b) <= tol * max(float(a.abs().max()), 1.0):
+                    notes.append(f"block {layer}'s input is {c:.4g} x block {layer - 1}'s output (a rescaling the "
+                                 "model applies between blocks; the lens and geometry are invariant to it)")
+                    continue
                 raise AnatomyError(
-                    f"check 'hooked blocks == output_hidden_states' failed for {self.name}: layer {worst} differs "
-                    f"by {max(diffs):.3g} (tolerance {tol * scale:.3g}). The block list {self.anatomy.blocks!r} "
-                    "does not carry the residual stream; this architecture is not supported.")
+                    f"check 'block l-1 output == block l input' failed for {self.name} at layer {layer}: they differ "
+                    f"by {d:.3g}. Something runs on the residual stream between the blocks of "
+                    f"{self.anatomy.blocks!r}, so that list does not carry it; name the stack: "
+                    "lb.load(model, tokenizer, anatomy={'blocks': ...}).")
+            chain = max(chain, d)
+        if L > 1:
+            checks["block l-1 output == block l input"] = chain
+        # (3) output_hidden_states, where it exists and agrees
+        hs = getattr(out, "hidden_states", None)
+        if isinstance(hs, (tuple, list)) and hs and all(isinstance(h, torch.Tensor) for h in hs):
+            hs = [self.merge_streams(h) for h in hs]
+            last = store[L]
+            try:
+                fin = self.apply_final(last)
+                first = _first_tensor(self.final_modules[0](last)) if self.final_modules else last
+            except _MODEL_FAILURES:  # the logits check below names this failure
+                fin = first = last
+
+            def last_ok(h):
+                return min(_maxdiff(h, last), _maxdiff(h, fin), _maxdiff(h, first))
+            d_std = d_shift = float("inf")
+            if len(hs) == L + 1:
+                d_std = max([_maxdiff(hs[i], store[i]) for i in range(L)] + [last_ok(hs[L])])
+            if len(hs) in (L, L + 1):  # no embedding entry: hs[i] is block i's output (hs[L] maybe normed)
+                d_shift = max([_maxdiff(hs[i], store[i + 1]) for i in range(L - 1)] + [last_ok(hs[L - 1])]
+                              + ([last_ok(hs[L])] if len(hs) == L + 1 else []))
+            if d_std <= tol * scale:
+                checks["hooked blocks == output_hidden_states"] = d_std
+            elif d_shift <= tol * scale:
+                checks["hooked blocks == output_hidden_states (no embedding entry)"] = d_shift
+            else:
+                notes.append(f"output_hidden_states ({len(hs)} entries) follows another convention than the hooked "
+                             f"blocks (max diff {min(d_std, d_shift):.3g}); not used — the blocks are proven by "
+                             "the chain and logits checks")
+        self.anatomy.notes = notes
         with torch.no_grad():
-            mine = torch.log_softmax(self.unembed(store[L]), -1)
+            try:
+                mine = torch.log_softmax(self.unembed(store[L]), -1)
+            except _MODEL_FAILURES as e:
+                raise AnatomyError(
+                    f"the modules found between the last block and the unembedding of {self.name} "
+                    f"({self.anatomy.final} -> {self.anatomy.unembed!r}) cannot be applied to the residual stream "
+                    f"alone ({type(e).__name__}: {e}); name the right ones: lb.load(model, tokenizer, "
+                    "anatomy={'final': [...], 'unembed': ...}).") from e
             theirs = torch.log_softmax(out.logits.float(), -1)
+        if mine.shape != theirs.shape:
+            raise AnatomyError(
+                f"check 'unembed(last block) == model logits' failed for {self.name}: the last block's output "
+                f"gives logits of shape {tuple(mine.shape)} but the model returns {tuple(theirs.shape)} (it adds "
+                "or drops positions outside the block stack); this architecture is not supported.")
         d = float((mine - theirs).abs().max())
         checks["unembed(last block) == model logits"] = d
         if not torch.isfinite(theirs).all():
@@ -463,6 +723,25 @@ class LensModel:
         """Run ``texts`` through the model and record the residual stream; see :func:`lensbench.capture.capture`."""
         from .capture import capture
         return capture(self, texts, layers=layers, reduce=reduce, batch_size=batch_size, progress=progress, **kw)
+
+
+_MODEL_FAILURES = (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError, NotImplementedError)
+
+
+def run_model(m: LensModel, **kw):
+    """``m.model(**kw)``, with the model's own failures (not out-of-memory, not lensbench's) turned into a
+    :class:`ModelRunError` that names the model, the input shape and what to try."""
+    try:
+        return m.model(**kw)
+    except _MODEL_FAILURES as e:
+        if is_oom(e) or isinstance(e, LensbenchError):
+            raise
+        ids = kw.get("input_ids", kw.get("inputs_embeds"))
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else "?"
+        raise ModelRunError(
+            f"{m.name} ({type(m.model).__name__}) failed on an input of shape {shape} with {type(e).__name__}: "
+            f"{e}. This is the model's own code failing, not lensbench's check; try a shorter text, "
+            "dtype='float32', batch_size=1, or report it with the model id.") from e
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:

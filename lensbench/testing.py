@@ -66,7 +66,61 @@ ARCHITECTURES: dict[str, dict] = {
                     intermediate_size=128, max_position_embeddings=4096, logits_scaling=2.0),
     "opt_project_out": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                             max_position_embeddings=4096, word_embed_proj_dim=32, do_layer_norm_before=False),
+    # mixture-of-experts and heterogeneous stacks (a dense first layer, then MoE layers)
+    "qwen2_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=4096),
+    "olmoe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=32, num_experts=4, num_experts_per_tok=2, max_position_embeddings=4096),
+    "deepseek_v3": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=128, moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16,
+                        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        max_position_embeddings=4096),
+    "nemotron": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128, max_position_embeddings=4096, head_dim=16),
+    "glm4": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, max_position_embeddings=4096, head_dim=16),
+    # state-space and recurrent models (layer l = the residual entering block l, as for transformers)
+    "mamba": dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4),
+    "mamba2": dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, num_heads=8,
+                   head_dim=16, n_groups=1),
+    "falcon_mamba": dict(hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4),
+    "rwkv": dict(hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128,
+                 context_length=512),
+    # chunk_size above any test length: transformers' chunkwise xLSTM kernel fails in bfloat16 (its own bug)
+    "xlstm": dict(hidden_size=64, embedding_dim=64, num_hidden_layers=2, num_blocks=2, num_heads=4,
+                  chunk_size=1024),
+    # hybrids: attention + SSM blocks of different classes in one stack; Zamba shares one attention block
+    "jamba": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, num_experts=2, mamba_d_state=8, mamba_expand=2),
+    "zamba": dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=128, attention_hidden_size=128, mamba_d_state=8, mamba_expand=2,
+                  attn_layer_period=2, attn_layer_offset=1),
+    "zamba2": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                   intermediate_size=128, mamba_d_state=8, mamba_expand=2, mamba_headdim=16, n_mamba_heads=8,
+                   layers_block_type=["mamba", "hybrid", "mamba", "hybrid"]),
+    "falcon_h1": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, mamba_d_state=8, mamba_n_heads=8, mamba_d_head=16, mamba_expand=2,
+                      mamba_n_groups=1, head_dim=16, mamba_d_ssm=None),
+    "recurrent_gemma": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                            intermediate_size=128, lru_width=64, attention_window_size=16, head_dim=16,
+                            block_types=["recurrent", "recurrent", "attention"]),
+    # several residual streams: Gemma3n's AltUp (4 streams, merged as the model merges them)
+    "gemma3n_text": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, head_dim=16, vocab_size_per_layer_input=VOCAB,
+                         hidden_size_per_layer_input=8, laurel_rank=8, altup_num_inputs=4, num_kv_shared_layers=0,
+                         activation_sparsity_pattern=[0.0] * 4, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"] * 2),
+    # hyper-connections: [B, T, 4, d] streams merged by the model's own head module before the final norm
+    "deepseek_v4": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, head_dim=16, max_position_embeddings=512),
 }
+
+#: families whose layer stack is not one homogeneous list of transformer blocks, or that are not transformers
+SSM_AND_HYBRID = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "jamba", "zamba", "zamba2", "falcon_h1",
+                  "recurrent_gemma", "gemma3n_text", "deepseek_v3", "deepseek_v4")
 
 
 @functools.lru_cache(maxsize=1)
