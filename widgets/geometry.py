@@ -2,7 +2,9 @@
 
 The model runs once, at construction (one capture of the texts, one of the shuffled prompt); every view is
 then computed by public probe functions from that capture (``lb.intrinsic_dimension(m, capture, ...)``), so
-switching estimator, scale, measure or layer never re-runs the model.
+switching estimator, scale, measure or layer never re-runs the model. Clouds follow the probes' defaults:
+position 0 (the attention sink) is excluded; the **last layer** dropdown picks the last layer after the final
+norm (HF ``hidden_states[-1]``, the papers') or before it; every figure's subtitle says which.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class GeometryExplorer(W.VBox):
         self.estimator = W.Dropdown(options=list(lb.probes.geometry.ESTIMATORS), value="gride",
                                     description="estimator")
         self.scale = W.Dropdown(options=[2, 4, 8, 16, 32], value=4, description="GRIDE n2")
+        self.last_layer = W.Dropdown(options=[("after final norm", "post_norm"), ("before final norm", "pre_norm")],
+                                     value="post_norm", description="last layer")
         self.layer = W.IntSlider(description="layer", min=0, max=m.n_layers, value=m.n_layers // 2,
                                  continuous_update=False)
         self.k = k
@@ -65,9 +69,10 @@ class GeometryExplorer(W.VBox):
             self.capture = None
             self._startup_error = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
         self._cache: dict = {}
-        for w in (self.view, self.estimator, self.scale, self.layer):
+        for w in (self.view, self.estimator, self.scale, self.layer, self.last_layer):
             w.observe(lambda _c: self.redraw(), names="value")
-        super().__init__([W.HBox([self.view, self.estimator, self.scale]), self.layer, self.error, self.fig])
+        super().__init__([W.HBox([self.view, self.estimator, self.scale, self.last_layer]), self.layer, self.error,
+                          self.fig])
         self.add_class("lb-geometry-explorer")
         self.redraw()
 
@@ -77,19 +82,20 @@ class GeometryExplorer(W.VBox):
 
     def measure(self, name: str) -> lb.GeometryResult:
         """A per-prompt measure from the held capture (memoised)."""
-        key = (name, self.estimator.value, self.scale.value)
+        key = (name, self.estimator.value, self.scale.value, self.last_layer.value)
         if key not in self._cache:
+            ll = self.last_layer.value
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if name == "id":
                     r = lb.intrinsic_dimension(self.m, self.capture, estimator=self.estimator.value,
-                                               scale=self.scale.value)
+                                               scale=self.scale.value, last_layer=ll)
                 elif name == "overlap":
-                    r = lb.neighborhood_overlap(self.m, self.capture, k=self.k)
+                    r = lb.neighborhood_overlap(self.m, self.capture, k=self.k, last_layer=ll)
                 elif name == "cosine":
-                    r = lb.cosine_similarity(self.m, self.capture)
+                    r = lb.cosine_similarity(self.m, self.capture, last_layer=ll)
                 else:
-                    r = lb.anisotropy(self.m, self.capture)
+                    r = lb.anisotropy(self.m, self.capture, last_layer=ll)
             self._cache[key] = r
         return self._cache[key]
 
