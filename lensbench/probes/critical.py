@@ -746,12 +746,12 @@ def model_sentence_embedder(m: LensModel, layer: int | None = None, *, skip_firs
     state: dict[str, Any] = {"mean": None}
 
     @torch.no_grad()
-    def raw(texts: Sequence[str]) -> torch.Tensor:
-        out = []
-        for t in texts:
+    def raw(texts: Sequence[str], batch: int = 32) -> torch.Tensor:
+        out = torch.zeros(len(texts), m.d_model)
+        rows = []  # (index, ids, first pooled position)
+        for j, t in enumerate(texts):
             ids = tok(t, add_special_tokens=False)["input_ids"][: m.max_length - 1] if t.strip() else []
             if not ids:
-                out.append(torch.zeros(m.d_model))
                 continue
             first = 0
             if skip_first:
@@ -759,10 +759,19 @@ def model_sentence_embedder(m: LensModel, layer: int | None = None, *, skip_firs
                     ids, first = [int(sink)] + list(ids), 1
                 elif len(ids) > 1:
                     first = 1
+            rows.append((j, list(ids), first))
+        rows.sort(key=lambda r: len(r[1]))
+        for s0 in range(0, len(rows), batch):  # right padding: causal attention leaves real positions exact
+            chunk = rows[s0:s0 + batch]
+            T = max(len(r[1]) for r in chunk)
+            ids = torch.tensor([r[1] + [r[1][-1]] * (T - len(r[1])) for r in chunk])
+            mask = torch.tensor([[1] * len(r[1]) + [0] * (T - len(r[1])) for r in chunk])
             with m.hooks([layer]) as store:
-                m.forward(torch.tensor([ids]))
-            out.append(store[layer][0, first:].float().mean(0).cpu())
-        return torch.stack(out)
+                m.forward(ids, attention_mask=mask)
+            h = store[layer].float().cpu()
+            for b, (j, r, first) in enumerate(chunk):
+                out[j] = h[b, first:len(r)].mean(0)
+        return out
 
     def embed(texts: list[str]) -> torch.Tensor:
         e = raw(texts)
