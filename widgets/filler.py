@@ -1,5 +1,5 @@
-"""``FillerExplorer``: token-class ablation bars (class removal vs random control, bootstrap CIs), filler-sweep
-curves per filler kind, and a text view of what was removed.
+"""``FillerExplorer``: token-class ablation bars (class removal vs random control, CIs that resample texts, with
+n), filler-sweep curves per filler kind (CIs over items), and a text view of what was removed.
 
 The probes run once at construction (or pass precomputed results); every control only redraws.
 """
@@ -113,5 +113,6 @@ class FillerExplorer(W.VBox):
                             f"{int(removed)} of {int(a.context_tokens[n])} context tokens "
                             f"{'replaced' if a.mode == 'replace' else 'removed'} · unit frequency "
                             f"{float(a.frequency[c, n]):.1%} · continuation loss {float(a.loss_orig[n]):.3f} → "
-                            f"{float(loss):.3f}</span>")
+                            f"{float(loss):.3f} · stop-word list: {html.escape(str(a.settings.get('stopwords', '?')))}"
+                            "</span>")
         self.text.value = a.removal_html(c, n, control=self.control.value)

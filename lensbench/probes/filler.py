@@ -313,10 +313,15 @@ def _check_int(v, name: str, lo: int = 0) -> int:
 
 # --------------------------------------------------------------------------------------------- ablation
 
+def _tup(iv) -> tuple[float, float]:
+    """``(lo, hi)`` of a :class:`lensbench.stats.Interval` as plain floats."""
+    return (float(iv.lo), float(iv.hi))
+
+
 def _clip(iv, lo: float, hi: float) -> tuple[float, float]:
     """An interval of a proportion (or a difference of two) clipped to its range (a t interval on 0/1 values can
     cross 0 or 1; the true value cannot)."""
-    return (min(max(iv.lo, lo), hi), max(min(iv.hi, hi), lo)) if np.isfinite(iv.lo) else iv.as_tuple()
+    return (float(min(max(iv.lo, lo), hi)), float(max(min(iv.hi, hi), lo))) if np.isfinite(iv.lo) else _tup(iv)
 
 
 def _summary_frame(summary: list[dict]):
@@ -431,9 +436,9 @@ class FillerAblationResult(Result):
                 "tokens_removed": float(self.removed_tokens[c].float().mean()),
                 "token_share_removed": float((self.removed_tokens[c].float() / self.context_tokens.float()).mean()),
                 "loss_orig": float(self.loss_orig.mean()), "loss_class": float(self.loss_class[c].mean()),
-                "delta_loss": di.estimate, "delta_ci": di.as_tuple(),
-                "control_delta_loss": ci_.estimate, "control_ci": ci_.as_tuple(),
-                "excess_delta": ei.estimate, "excess_ci": ei.as_tuple(),
+                "delta_loss": di.estimate, "delta_ci": _tup(di),
+                "control_delta_loss": ci_.estimate, "control_ci": _tup(ci_),
+                "excess_delta": ei.estimate, "excess_ci": _tup(ei),
                 "n_texts": di.n_clusters, "n_tokens": n_tok, "ci_method": di.method, "weight": weight,
             }
             if torch.isfinite(self.correct_orig).any():
@@ -762,7 +767,7 @@ class FillerSweepResult(Result):
                 if base_lp is not None:
                     d = mean_ci(lp - base_lp.numpy(), **kw)
                     da = mean_ci(ok - base_ok.numpy(), **kw)
-                    r.update(delta_logprob=d.estimate, delta_ci=d.as_tuple(), delta_accuracy=da.estimate,
+                    r.update(delta_logprob=d.estimate, delta_ci=_tup(d), delta_accuracy=da.estimate,
                              delta_accuracy_ci=_clip(da, -1, 1))
                 rows.append(r)
         return rows
