@@ -864,7 +864,8 @@ def _convert_gguf(src: Path, target: Path) -> None:
 
 def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, device_map: Any = None, trust_remote_code: bool = False,
-         allow_pickle: bool = False, validate: bool = True, **from_pretrained_kw) -> LensModel:
+         allow_pickle: bool = False, validate: bool = True, anatomy: dict | None = None,
+         **from_pretrained_kw) -> LensModel:
     """Load a causal LM and validate its anatomy.
 
     Args:
@@ -879,6 +880,9 @@ def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device
         trust_remote_code: run model code shipped with a checkpoint. Off by default.
         allow_pickle: accept ``.bin``/pickle weights. Off by default (safetensors only): pickle can run code.
         validate: run the load-time anatomy checks (keep on unless you know the model).
+        anatomy: override discovery where it gets a model wrong: any of ``embed``, ``blocks`` (a dotted path
+            or a list of paths, in order, for a stack kept in several lists), ``final`` (paths in order),
+            ``unembed``, ``logit_softcap``, ``logit_scale``, ``logit_divisor``. Validated like a discovered one.
     """
     torch_dtype = resolve_dtype(dtype)
     if model is None or (isinstance(model, str) and model.lower() in ("default", DEFAULT_MODEL.lower(),
@@ -891,28 +895,28 @@ def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if device_map is None:
             hf = hf.to(dev)
-        return LensModel(hf, tok, name=DEFAULT_MODEL_LABEL, validate=validate)
+        return LensModel(hf, tok, name=DEFAULT_MODEL_LABEL, validate=validate, anatomy=anatomy)
     if isinstance(model, (str, os.PathLike)):
         return _load_pretrained(str(model), device, torch_dtype, device_map, trust_remote_code, allow_pickle,
-                                validate, from_pretrained_kw)
+                                validate, from_pretrained_kw, anatomy)
     modname = type(model).__module__
     if modname.startswith("nnsight"):
         hf = getattr(model, "_module", None) or getattr(model, "_model", None)
         tok = tokenizer or getattr(model, "tokenizer", None)
         _maybe_cast(hf, device, torch_dtype)
-        return LensModel(hf, tok, backend="nnsight", wrapped=model, validate=validate)
+        return LensModel(hf, tok, backend="nnsight", wrapped=model, validate=validate, anatomy=anatomy)
     if type(model).__name__ == "TransformerBridge" or modname.startswith("transformer_lens"):
         hf = getattr(model, "original_model", None)
         tok = tokenizer or getattr(model, "tokenizer", None)
         if hf is None:
             raise ModelLoadError("this TransformerLens object has no original_model; build it with "
                                  "TransformerBridge.boot_transformers(...).")
-        return LensModel(hf, tok, backend="transformer_lens", wrapped=model, validate=validate)
+        return LensModel(hf, tok, backend="transformer_lens", wrapped=model, validate=validate, anatomy=anatomy)
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise InputError("an already-loaded model needs its tokenizer: lb.load(model, tokenizer).")
         _maybe_cast(model, device, torch_dtype)
-        return LensModel(model, tokenizer, validate=validate)
+        return LensModel(model, tokenizer, validate=validate, anatomy=anatomy)
     if isinstance(model, LensModel):
         return model
     raise InputError(f"model={type(model).__name__} is not understood; pass None, a hub id or directory, a "
@@ -928,7 +932,8 @@ def _maybe_cast(model, device, dtype):
         model.to(dtype)
 
 
-def _load_pretrained(name, device, dtype, device_map, trust_remote_code, allow_pickle, validate, kw) -> LensModel:
+def _load_pretrained(name, device, dtype, device_map, trust_remote_code, allow_pickle, validate, kw,
+                     anatomy=None) -> LensModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     local = Path(name).expanduser()
     if local.is_dir() and not allow_pickle:
@@ -966,4 +971,4 @@ def _load_pretrained(name, device, dtype, device_map, trust_remote_code, allow_p
             "embedded default model.") from e
     if device_map is None:
         hf = hf.to(dev)
-    return LensModel(hf, tok, name=name, validate=validate)
+    return LensModel(hf, tok, name=name, validate=validate, anatomy=anatomy)

@@ -6,22 +6,25 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ARCHS, DTYPES
 
 import lensbench as lb
-from lensbench.testing import tiny_model
+from lensbench.model import _config_n_layers
+from lensbench.testing import SSM_AND_HYBRID, tiny_model
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_matrix_validates(tiny, arch, dtype):
     m = tiny(arch, dtype)
-    assert m.n_layers == 2 and m.dtype == dtype
+    assert m.n_layers == _config_n_layers(m.model.config) and m.dtype == dtype
     checks = m.anatomy.checks
-    assert {"hooked blocks == output_hidden_states", "unembed(last block) == model logits",
-            "block l-1 output == block l input"} <= set(checks)
+    assert {"unembed(last block) == model logits", "block l-1 output == block l input"} <= set(checks)
+    # HF's output_hidden_states agrees in the usual convention, or (SSMs) without the embedding entry
+    assert any(k.startswith("hooked blocks == output_hidden_states") for k in checks), (checks, m.anatomy.notes)
     # the identity is exact up to rounding: the same ops on the same tensors
     assert checks["unembed(last block) == model logits"] <= (1e-5 if dtype == torch.float32 else 0.05)
     # independent check: final norm + unembedding of HF's own pre-norm state reproduce HF's logits
@@ -181,3 +184,149 @@ def test_fingerprint_keys_weights_not_names(saved_tiny):
     assert lb.load(c_model, c_tok).fingerprint != a.fingerprint
     assert lb.load(*tiny_model("llama", seed=1)).fingerprint != a.fingerprint
     assert lb.load(*tiny_model("llama", dtype=torch.bfloat16)).fingerprint != a.fingerprint
+
+
+# ------------------------------------------------------------------ any causal LM (issue 14)
+def test_ssm_validation_does_not_trust_output_hidden_states(tiny):
+    """Mamba's output_hidden_states has no embedding entry: the proof is the block chain + the logits."""
+    m = tiny("mamba")
+    assert "hooked blocks == output_hidden_states (no embedding entry)" in m.anatomy.checks
+    ids = m.encode("hello world, the fox")[None]
+    with torch.no_grad(), m.hooks(None) as st:
+        out = m.forward(ids, output_hidden_states=True)
+    hs = out.hidden_states
+    assert len(hs) == m.n_layers + 1
+    assert torch.equal(hs[0], st[1])             # HF's entry 0 is block 0's OUTPUT, ours is its input
+    assert not torch.equal(st[0], st[1])
+    assert torch.allclose(hs[-1], m.apply_final(st[m.n_layers]))
+
+
+@pytest.mark.parametrize("arch", ["jamba", "zamba", "recurrent_gemma", "deepseek_v3"])
+def test_heterogeneous_stack_names_its_kinds(tiny, arch):
+    m = tiny(arch)
+    # blocks differ in kind: their classes (Jamba, Zamba) or their parts (RecurrentGemma's recurrent vs
+    # attention mixers, DeepSeek-V3's dense first MLP vs MoE)
+    signature = {tuple(type(c).__name__ for c in b.modules()) for b in m.blocks}
+    assert len(signature) > 1
+    assert bool(m.anatomy.block_kinds) == (len({type(b) for b in m.blocks}) > 1)
+    assert "layer l = the residual entering block l" in str(m.anatomy)
+    if arch == "zamba":  # one attention block shared by several hybrid layers: it counts at each depth
+        shared = [b.shared_transf.self_attn.q_proj.weight for b in m.blocks if hasattr(b, "shared_transf")]
+        assert len(shared) >= 2 and all(w.data_ptr() == shared[0].data_ptr() for w in shared)
+
+
+@pytest.mark.parametrize("arch", ["gemma3n_text", "deepseek_v4"])
+def test_multi_stream_residual_reads_the_stream_the_model_unembeds(tiny, arch):
+    """Several residual streams: every layer reads [B, T, d], merged as the model merges before its norm; the
+    proof is that the merged last layer reproduces the model's logits (load-time check) and a hand-written one."""
+    m = tiny(arch)
+    assert m.anatomy.streams
+    ids = m.encode("hello world, the fox")[None]
+    raw = {}
+    h = m.blocks[-1].register_forward_hook(lambda _m, _a, out: raw.setdefault("last", out))
+    try:
+        with torch.no_grad(), m.hooks(None) as st:
+            out = m.forward(ids)
+    finally:
+        h.remove()
+    last = raw["last"][0] if isinstance(raw["last"], tuple) else raw["last"]
+    assert last.dim() == 4 and all(st[la].shape == (1, ids.shape[1], m.d_model) for la in st)
+    if arch == "gemma3n_text":  # hand-written AltUp merge (Gemma3nTextModel.forward), then norm + lm_head
+        base = m.model.model
+        tgt = (last[0] ** 2).mean(-1, keepdim=True) ** 0.5
+        parts = [last[0]]
+        for i in range(1, last.shape[0]):
+            c = base.altup_unembed_projections[i - 1](last[i])
+            parts.append(c * tgt / torch.sqrt((c ** 2).mean(-1, keepdim=True).clamp(min=1e-5)))
+        ref = m.model.lm_head(base.norm(torch.stack(parts).mean(0)))
+        cap = m.model.config.final_logit_softcapping
+        ref = torch.tanh(ref / cap) * cap if cap else ref
+    else:                        # DeepSeek-V4: the model's hyper-connection head merges, then norm + lm_head
+        ref = m.model.lm_head(m.model.model.norm(m.model.model.hc_head(last)))
+    assert torch.allclose(ref.float(), out.logits.float(), atol=1e-5)
+    assert torch.allclose(m.unembed(st[m.n_layers]), out.logits.float(), atol=1e-5)
+
+
+def test_anatomy_override_is_validated(tiny):
+    found = tiny("llama").anatomy
+    model, tok = tiny_model("llama")
+    m = lb.load(model, tok, anatomy={"blocks": "model.layers", "final": ["model.norm"], "unembed": "lm_head"})
+    assert (m.anatomy.blocks, m.anatomy.final, m.anatomy.unembed) == (found.blocks, found.final, found.unembed)
+    with pytest.raises(lb.AnatomyError, match=r"anatomy\['blocks'\] = 'model.layerz' is not a module"):
+        lb.load(model, tok, anatomy={"blocks": "model.layerz"})
+    with pytest.raises(lb.InputError, match="unknown keys"):
+        lb.load(model, tok, anatomy={"norm": "model.norm"})
+    # a wrong override is caught by the same validation as a wrong discovery
+    with pytest.raises(lb.AnatomyError, match="unembed\\(last block\\) == model logits"):
+        lb.load(model, tok, anatomy={"final": []})
+
+
+class _TwoListLM(torch.nn.Module):
+    """A causal LM whose stack lives in two ModuleLists (discovery finds neither: each has half the layers)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.config, self.base = base.config, base
+        layers = base.model.layers
+        self.lower = torch.nn.ModuleList(layers[:1])
+        self.upper = torch.nn.ModuleList(layers[1:])
+        self.config.num_hidden_layers = len(layers)
+        del base.model.layers
+
+    def get_input_embeddings(self):
+        return self.base.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.base.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, output_hidden_states=False, use_cache=False, **_):
+        from types import SimpleNamespace
+        inner = self.base.model
+        h = inner.embed_tokens(input_ids)
+        pos = torch.arange(h.shape[1])[None]
+        pe = inner.rotary_emb(h, pos)
+        hs = [h]
+        for blk in [*self.lower, *self.upper]:
+            out = blk(h, position_embeddings=pe, position_ids=pos, attention_mask=None)
+            h = out[0] if isinstance(out, tuple) else out
+            hs.append(h)
+        return SimpleNamespace(logits=self.base.lm_head(inner.norm(h)), hidden_states=tuple(hs))
+
+
+def test_anatomy_override_with_blocks_in_two_lists():
+    model, tok = tiny_model("llama")
+    two = _TwoListLM(model).eval()
+    with pytest.raises(lb.AnatomyError, match="anatomy="):
+        lb.load(two, tok)
+    m = lb.load(two, tok, anatomy={"blocks": ["lower", "upper"], "final": ["base.model.norm"]})
+    assert m.n_layers == 2 and m.anatomy.blocks == "lower + upper"
+    res = lb.logit_lens(m, "hello world", progress=False)
+    with torch.no_grad():
+        lp = torch.log_softmax(two(m.encode("hello world")[None]).logits[0].float(), -1)
+    assert (res.top_probs[-1].log() - lp.topk(res.top_probs.shape[-1], -1).values).abs().max() < 1e-5
+
+
+def test_model_failure_is_a_lensbench_error(tiny):
+    """The model's own crash (not OOM) reaches the user as a ModelRunError naming the model and the input."""
+    m = lb.load(*tiny_model("llama"))
+    blk = m.blocks[0]
+    h = blk.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyError("rope_type")))
+    try:
+        with pytest.raises(lb.ModelRunError, match="LlamaForCausalLM.*KeyError"):
+            m.capture("hello world", progress=False)
+        with pytest.raises(lb.ModelRunError):
+            m.forward(m.encode("hello")[None])
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("arch", SSM_AND_HYBRID)
+def test_new_families_run_geometry_and_attribution(tiny, arch):
+    """Every state-space / hybrid family: geometry on its residual stream, attribution through its input
+    embeddings (gradient x input sums to the linearised change; occlusion runs)."""
+    m = tiny(arch)
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "One, two, three, four, five; six seven. " * 3]
+    gid = lb.intrinsic_dimension(m, texts, estimator="twonn", progress=False)
+    assert np.isfinite(np.asarray(gid.values, dtype=float)).mean() > 0.5
+    att = lb.attribute(m, "The capital of France is", method="grad_x_input", progress=False)
+    assert att.scores.shape[1] == len(m.encode("The capital of France is")) and torch.isfinite(att.scores).all()
