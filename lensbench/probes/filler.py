@@ -568,7 +568,7 @@ def _token_units(m: LensModel, ctx: str, units) -> tuple[list[int], list[int | N
 
 
 def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords", "articles"),
-                    mode: str = "remove", replacement: str = " _", stopwords: Sequence[str] | None = None,
+                    mode: str = "remove", replacement: str = " _", stopwords: str | Sequence[str] | None = None,
                     continuation_words: int = 16, n_control: int = 3, seed: int = 0, n_boot: int = 1000,
                     ci: float = 0.95, batch_size: int = 8, progress: bool = True) -> FillerAblationResult:
     """Remove a token class from each context and measure the loss change on an unedited span.
