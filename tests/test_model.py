@@ -330,3 +330,34 @@ def test_new_families_run_geometry_and_attribution(tiny, arch):
     assert np.isfinite(np.asarray(gid.values, dtype=float)).mean() > 0.5
     att = lb.attribute(m, "The capital of France is", method="grad_x_input", progress=False)
     assert att.scores.shape[1] == len(m.encode("The capital of France is")) and torch.isfinite(att.scores).all()
+
+
+def test_text_decoder_inside_a_multimodal_model_works_on_text():
+    """A Llava-style model given text only: the language model's stack is found, validated and lensed."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from lensbench.testing import VOCAB, tiny_config, tiny_tokenizer
+    vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vis, text_config=tiny_config("llama"),
+                                                      image_token_id=VOCAB - 1)).eval()
+    m = lb.load(model, tiny_tokenizer())
+    assert m.anatomy.blocks.endswith("language_model.layers") and m.anatomy.final[-1].endswith("norm")
+    res = lb.logit_lens(m, "hello world", progress=False)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=m.encode("hello world")[None]).logits[0].float(), -1)
+    assert (res.top_probs[-1].log() - lp.topk(res.top_probs.shape[-1], -1).values).abs().max() < 1e-5
+
+
+def test_a_model_that_cannot_run_on_text_alone_is_refused_with_the_way_out():
+    model, tok = tiny_model("llama")
+    orig = model.forward
+
+    def needs_pixels(*a, pixel_values=None, **kw):
+        if pixel_values is None:
+            raise ValueError("pixel_values must be given")
+        return orig(*a, **kw)
+    model.forward = needs_pixels
+    with pytest.raises(lb.AnatomyError, match="text decoder"):
+        lb.load(model, tok)
