@@ -717,6 +717,60 @@ class LensModel:
         self.anatomy.checks = checks
         return checks
 
+    # ---- capabilities (discovered once, read by every engine)
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        """What the model's forward accepts and whether its cache can be reused for a shared prefix.
+
+        ``position_ids``/``logits_to_keep``/``inputs_embeds``: keywords ``forward`` takes; ``cache_kwarg``: the
+        name it takes a cache by (``"cache"`` in newer transformers, else ``"past_key_values"``);
+        ``prefix_cache``: a cache cropped back to a prefix and extended gives the logits of a fresh forward
+        (measured on the model itself: true for attention caches, false for recurrent states such as Mamba's,
+        which cannot be rewound); ``prefix_cache_reason`` says why not.
+        """
+        if getattr(self, "_caps", None) is None:
+            import inspect
+            try:
+                params = set(inspect.signature(self.model.forward).parameters)
+            except (TypeError, ValueError):
+                params = set()
+            caps: dict[str, Any] = {k: k in params for k in ("position_ids", "logits_to_keep", "inputs_embeds")}
+            caps["cache_kwarg"] = "cache" if "cache" in params else "past_key_values"
+            caps["prefix_cache"], caps["prefix_cache_reason"] = self._probe_prefix_cache(caps["cache_kwarg"])
+            self._caps = caps
+        return self._caps
+
+    @torch.no_grad()
+    def _probe_prefix_cache(self, kwarg: str) -> tuple[bool, str]:
+        ids = self.encode(_VALIDATION_TEXT)[None, :6].to(self.input_device)
+        try:
+            out = self.model(input_ids=ids, use_cache=True)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            if cache is None or not hasattr(cache, "crop"):
+                return False, (f"{type(self.model).__name__} returns no croppable cache "
+                               f"({type(cache).__name__}); its state cannot be rewound to a shared prefix")
+            cache.crop(-2)  # back to the first 4 tokens (negative: drop that many)
+            step = self.model(input_ids=ids[:, 4:5], use_cache=True, **{kwarg: cache})
+            ref = self.model(input_ids=ids[:, :5], use_cache=False).logits[:, -1]
+        except Exception as e:  # noqa: BLE001 - any failure means: no prefix reuse
+            if is_oom(e):
+                raise
+            return False, f"a cropped cache cannot be extended ({type(e).__name__}: {str(e)[:120]})"
+        d = _maxdiff(step.logits[:, -1], ref)
+        if not d <= 10 * tolerance(self.dtype) * max(1.0, float(ref.float().abs().max())):
+            return False, (f"a cache cropped to a prefix and extended differs from a fresh forward by {d:.3g} "
+                           "(a recurrent state cannot be rewound)")
+        return True, ""
+
+    def require_prefix_cache(self, probe: str) -> None:
+        """Raise a clear :class:`InputError` when ``probe`` needs a reusable prefix cache the model lacks."""
+        caps = self.capabilities
+        if not caps["prefix_cache"]:
+            raise InputError(f"{probe} reuses a prefix cache across continuations, which {self.name} cannot do: "
+                             f"{caps['prefix_cache_reason']}. Generation probes support attention and hybrid models "
+                             "whose caches crop; for this model use the forward-only probes (lens, geometry, "
+                             "attribution).")
+
     # ---- capture
     def capture(self, texts, layers=None, reduce=None, batch_size: int | str = "auto", progress: bool = True,
                 **kw):

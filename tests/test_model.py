@@ -361,3 +361,20 @@ def test_a_model_that_cannot_run_on_text_alone_is_refused_with_the_way_out():
     model.forward = needs_pixels
     with pytest.raises(lb.AnatomyError, match="text decoder"):
         lb.load(model, tok)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "deepseek_v4", "mamba", "rwkv", "jamba", "xlstm"])
+def test_prefix_cache_capability_is_measured(tiny, arch):
+    """Whether a cache cropped to a prefix and extended reproduces a fresh forward is measured on the model:
+    attention caches can, recurrent states (Mamba, RWKV, xLSTM, hybrids holding them) cannot, and the
+    generation probes' refusal says so."""
+    m = tiny(arch)
+    caps = m.capabilities
+    expect = arch in ("llama", "gemma2", "deepseek_v4")
+    assert caps["prefix_cache"] is expect, caps
+    assert caps["cache_kwarg"] in ("cache", "past_key_values")
+    if expect:
+        m.require_prefix_cache("critical_tokens")
+    else:
+        with pytest.raises(lb.InputError, match="critical_tokens reuses a prefix cache.*forward-only probes"):
+            m.require_prefix_cache("critical_tokens")
