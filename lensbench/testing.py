@@ -163,3 +163,40 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch
             else:
                 p.normal_(0, 0.05)
     return model.to(dtype).eval(), tiny_tokenizer()
+
+
+#: generic small sizes for :func:`shrunk_model` (set where a config has the attribute)
+_SMALL = dict(hidden_size=64, n_embd=64, d_model=64, num_hidden_layers=2, n_layer=2, num_layers=2, n_layers=2,
+              num_attention_heads=4, n_head=4, num_heads=4, num_key_value_heads=2, intermediate_size=128,
+              ffn_dim=128, n_inner=128, head_dim=16, max_position_embeddings=512, n_positions=512, vocab_size=VOCAB)
+
+
+def shrunk_model(model_type: str, *, max_params: float = 60e6):
+    """A random model of any ``model_type`` from transformers' causal-LM auto-mapping: its default config with
+    generic small sizes set after construction (the config may become inconsistent: then building or
+    lensbench's validation fails, which is what the any-architecture sweep checks for clear errors).
+
+    Returns the model, or raises ``ValueError`` naming why it could not be built offline."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        cfg = AutoConfig.for_model(model_type)
+    except Exception as e:  # noqa: BLE001 - reported as "cannot be built"
+        raise ValueError(f"{model_type}: no default config ({type(e).__name__})") from e
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if c is None:
+            continue
+        for k, v in _SMALL.items():
+            try:
+                if hasattr(c, k):
+                    setattr(c, k, v)
+            except Exception:  # noqa: BLE001 - per-layer, frozen or validated attributes stay as they are
+                pass
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - reported as "cannot be built"
+        raise ValueError(f"{model_type}: cannot be built from a shrunk config ({type(e).__name__})") from e
+    n = sum(p.numel() for p in model.parameters())
+    if n > max_params:
+        raise ValueError(f"{model_type}: {n / 1e6:.0f}M parameters after shrinking")
+    return model.eval()
