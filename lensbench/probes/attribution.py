@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -29,6 +30,14 @@ GRADIENT_METHODS = ("saliency", "grad_x_input", "integrated_gradients")
 LINEAR_METHODS = ("grad_x_input", "integrated_gradients", "occlusion")  # linear in F: contrast flips sign
 
 
+class CompletenessWarning(UserWarning):
+    """An integrated-gradients result whose completeness gap exceeds ``GAP_TOLERANCE`` of |F(x) − F(x')|."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A ReAGent target for which no probe met the stopping rule (its scores average unconverged probes)."""
+
+
 # --------------------------------------------------------------------------------------------- result
 @dataclasses.dataclass(eq=False)
 class AttributionResult(Result):
@@ -42,6 +51,11 @@ class AttributionResult(Result):
         method, objective, contrast (foil string or ""); text; model_name.
         f_value: ``[n_targets]`` F(x) at each target; completeness: ``[n_targets]`` Σ attr − (F(x) − F(x'))
             for integrated gradients (NaN otherwise); settings: method options used.
+        baseline: the IG/occlusion baseline used (kind: ``"scaled_mean_first"``, ``"zero"``, ``"token:<id>"``,
+            ``"tensor"``, ``"remove"``, ...; "" for methods without one).
+        baseline_embeds: integrated gradients only: ``[n_targets, n_sources, d]`` float32, the exact baseline
+            embeddings x' of each target (NaN beyond its sources), enough to rerun the path.
+        f_baseline: integrated gradients only: ``[n_targets]`` F(x').
     """
 
     scores: torch.Tensor
@@ -58,6 +72,16 @@ class AttributionResult(Result):
     settings: dict = dataclasses.field(default_factory=dict)
     model_name: str = ""
     input_ids: torch.Tensor | None = None
+    baseline: str = ""
+    baseline_embeds: torch.Tensor | None = None
+    f_baseline: torch.Tensor | None = None
+
+    @property
+    def relative_gap(self) -> torch.Tensor | None:
+        """``[n_targets]`` completeness gap / |F(x) − F(x')| (integrated gradients; None otherwise)."""
+        if self.completeness is None or self.f_baseline is None:
+            return None
+        return self.completeness / (self.f_value - self.f_baseline).abs().clamp_min(1e-12)
 
     def to_dataframe(self):
         import pandas as pd
@@ -165,14 +189,43 @@ def _last_logits(m: LensModel, embeds: torch.Tensor | None = None, ids: torch.Te
     return m.model(inputs_embeds=embeds, use_cache=False, **kw).logits[:, -1]
 
 
+BASELINE_KINDS = ("zero", "mean", "pad", "unk", "bos", "eos", "mean_first", "context_mean_first",
+                  "scaled_mean_first", "pad_first")
+DEFAULT_BASELINE = "scaled_mean_first"   # chosen by measurement: bench/ig_baselines.py, bench/RESULTS-ig-baselines.md
+GAP_TOLERANCE = 0.05                      # IG warns when |gap| > 5% of |F(x) − F(x')|
+
+
 def baseline_embedding(m: LensModel, ids: torch.Tensor, baseline) -> torch.Tensor:
-    """The IG/occlusion reference embeddings ``[T, d]``: "zero", "mean" (vocabulary mean), "pad", "unk",
-    "bos", "eos", a token id, or a tensor ``[d]`` / ``[T, d]``."""
+    """The IG/occlusion reference embeddings ``[T, d]`` for the tokens ``ids`` ``[T]``.
+
+    ``"zero"`` (Captum's), ``"mean"`` (vocabulary mean embedding), ``"pad"``/``"unk"``/``"bos"``/``"eos"``, a token
+    id, a tensor ``[d]`` / ``[T, d]``, or a baseline that keeps the real first token in row 0 (the attention sink of
+    pre-norm models stays in place along the path; row 0 then gets zero attribution by construction):
+    ``"mean_first"`` (vocabulary mean elsewhere), ``"context_mean_first"`` (mean of the text's own embeddings),
+    ``"pad_first"`` (pad token elsewhere) and ``"scaled_mean_first"`` (the default: the mean direction of the
+    unit-normalised vocabulary embeddings, scaled to each token's own norm, so the path stays away from the
+    tiny-norm region a pre-norm model's RMSNorm/LayerNorm blows up).
+    """
     W = m.embed_module.weight
     T = len(ids)
     if isinstance(baseline, torch.Tensor):
         b = baseline.to(W.device, W.dtype)
         return b.expand(T, -1).clone() if b.dim() == 1 else b
+    if isinstance(baseline, str) and baseline.endswith("_first") and baseline in BASELINE_KINDS:
+        e = _embed(m, ids).detach().float()
+        mu = W.detach().float().mean(0)
+        if baseline == "mean_first":
+            b = mu.expand(T, -1).clone()
+        elif baseline == "context_mean_first":
+            b = e.mean(0).expand(T, -1).clone()
+        elif baseline == "scaled_mean_first":  # mean direction of the unit-normalised vocabulary, at |e_i|
+            Wf = W.detach().float()
+            u = (Wf / Wf.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mean(0)
+            b = u / u.norm().clamp_min(1e-12) * e.norm(dim=-1, keepdim=True)
+        else:
+            b = baseline_embedding(m, ids, "pad").float()
+        b[0] = e[0]
+        return b.to(W.dtype)
     if baseline == "zero":
         return torch.zeros(T, W.shape[1], device=W.device, dtype=W.dtype)
     if baseline == "mean":
@@ -185,7 +238,7 @@ def baseline_embedding(m: LensModel, ids: torch.Tensor, baseline) -> torch.Tenso
         baseline = tid
     if isinstance(baseline, int) and not isinstance(baseline, bool):
         return _embed(m, torch.full((T,), m.token_id(baseline, param="baseline"), dtype=torch.long))
-    raise InputError(f"baseline={baseline!r} is not understood; use 'zero', 'mean', 'pad', 'unk', 'bos', 'eos', "
+    raise InputError(f"baseline={baseline!r} is not understood; use one of {BASELINE_KINDS}, "
                      "a token id or a tensor.")
 
 
@@ -197,13 +250,16 @@ def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline
     n = len(targets)
     scores = torch.full((n, T_all - 1), float("nan"))
     fvals = torch.empty(n)
+    fbase = torch.full((n,), float("nan"))
     comp = torch.full((n,), float("nan"))
     wdt = m.embed_module.weight.dtype
     if method == "integrated_gradients":
         x, w = np.polynomial.legendre.leggauss(n_steps)
         alphas = torch.tensor(0.5 * (x + 1), dtype=torch.float32, device=e.device)
         weights = torch.tensor(0.5 * w, dtype=torch.float32, device=e.device)
-        base = baseline_embedding(m, ids, baseline).float()
+        if isinstance(baseline, torch.Tensor) and baseline.dim() == 2 and len(baseline) < T_all - 1:
+            raise InputError(f"baseline tensor has {len(baseline)} rows; it needs one per source ({T_all - 1}).")
+    bases = []
     for k, (pos, y) in enumerate(targets):
         P = pos  # sources 0..P-1; F read at position P-1
         yk = torch.tensor([y], device=e.device)
@@ -217,7 +273,11 @@ def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline
             scores[k, :P] = (g.norm(dim=-1) if method == "saliency" else (g * ek).sum(-1)).detach().cpu()
             continue
         # integrated gradients: path e' + α (e − e'), nodes batched
-        ek, bk = e[:P], base[:P]
+        # the baseline of each target is built from its own sources (a context mean never sees later tokens)
+        bk = (baseline[:P] if isinstance(baseline, torch.Tensor) and baseline.dim() == 2
+              else baseline_embedding(m, ids[:P], baseline)).float().to(e.device)
+        ek = e[:P]
+        bases.append(bk.detach().cpu())
         total = torch.zeros_like(ek)
         for s in range(0, n_steps, internal_batch_size):
             a = alphas[s: s + internal_batch_size]
@@ -232,13 +292,17 @@ def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline
             Fe = _objective(_last_logits(m, ends), yk.expand(2), None if foil_t is None else
                             foil_t.expand(2), objective)
         fvals[k] = float(Fe[0])
+        fbase[k] = float(Fe[1])
         comp[k] = float(attr.sum() - (Fe[0] - Fe[1]))
         scores[k, :P] = attr.cpu()
-    return scores, fvals, comp
+    return scores, fvals, comp, bases, fbase
 
 
 def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size):
     T_all = len(ids)
+    if baseline == "remove" and min(p for p, _ in targets) < 2:
+        raise InputError("occlusion with baseline='remove' needs at least 2 tokens before each target "
+                         "(deleting the only one leaves nothing to predict from).")
     e = _embed(m, ids).detach()
     last = max(p for p, _ in targets)
     pos_t = torch.tensor([p - 1 for p, _ in targets], device=e.device)
@@ -254,10 +318,11 @@ def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size):
             idx = list(range(s, min(last, s + batch_size)))
             if baseline == "remove":
                 outs = []
-                for i in idx:  # deleting shifts positions: one shorter row each, target positions move by one
+                for i in idx:  # deleting shifts positions: one shorter row each; every predicting position at or
+                    # after i (including i itself: the token before it now predicts) moves back by one
                     keep = torch.cat([e[:i], e[i + 1: last]])
                     lg = _forward_embeds(m, keep[None])[0]
-                    pt = torch.where(pos_t > i, pos_t - 1, pos_t).clamp_min(0)
+                    pt = torch.where(pos_t >= i, pos_t - 1, pos_t).clamp_min(0)
                     outs.append(_objective(lg[pt], ys, fo, objective))
                 fv = torch.stack(outs)
             else:
@@ -367,13 +432,17 @@ def _value_norm(m, ids, targets, *, foil, objective):
 
 
 def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed,
-             mlm, progress):
-    """ReAGent (Zhao & Shan 2024): recursive random replacement with parallel probes."""
+             mlm, progress, on_unconverged="flag"):
+    """ReAGent (Zhao & Shan 2024): recursive random replacement with parallel probes.
+
+    Its updates are defined on p(y) (the paper's); ``objective`` only changes the reported ``f_value``. A target
+    none of whose probes converged is averaged over all probes and flagged (``converged`` count 0, a
+    :class:`ConvergenceWarning`), or raises with ``on_unconverged="raise"``."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     V = m.vocab_size
     scores = torch.full((len(targets), len(ids) - 1), float("nan"))
     fvals = torch.empty(len(targets))
-    steps_used = []
+    steps_used, n_conv = [], []
     dev = m.input_device
     for k, (P, y) in enumerate(targets):
         x = ids[:P].to(dev)
@@ -411,9 +480,17 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
             converged[a[done]] = True
             active[a[done]] = False
         steps_used.append(step)
+        n_conv.append(int(converged.sum()))
+        if not converged.any():
+            msg = (f"ReAGent: none of the {n_probes} probes for target {k} met the stopping rule within "
+                   f"{max_steps} steps")
+            if on_unconverged == "raise":
+                raise LensbenchError(msg + "; raise max_steps or n_probes, or pass on_unconverged='flag'.")
+            warnings.warn(msg + "; its scores average unconverged probes (settings['converged'] == 0).",
+                          ConvergenceWarning, stacklevel=3)
         use = converged if converged.any() else torch.ones(n_probes, dtype=torch.bool)
         scores[k, :P] = torch.softmax(logit_scores[use], -1).mean(0)
-    return scores, fvals, {"steps": steps_used}
+    return scores, fvals, {"steps": steps_used, "converged": n_conv}
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -444,10 +521,11 @@ def _resolve_targets(m: LensModel, text: str, target, generate: int, add_bos):
 
 def attribute(m: LensModel, text: str, *, target: str | int | None = None, method: str = "integrated_gradients",
               contrast: str | int | None = None, generate: int = 0, objective: str = "logprob",
-              n_steps: int = 50, baseline="zero", internal_batch_size: int = 16, batch_size: int = 16,
+              n_steps: int = 50, baseline=None, internal_batch_size: int = 16, batch_size: int = 16,
               replacement: str = "uniform", ratio: float = 0.3, top_k: int = 3, keep_top_n: int = 5,
               max_steps: int = 3000, n_probes: int = 16, seed: int = 0, mlm=None, upcast: bool = True,
-              add_bos: bool | None = None, progress: bool = True) -> AttributionResult:
+              add_bos: bool | None = None, progress: bool = True,
+              on_unconverged: str = "flag") -> AttributionResult:
     """Attribute a target token (or each token of a greedy generation) to the tokens before it.
 
     Args:
@@ -460,18 +538,24 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
         generate: N > 0 generates N tokens greedily and attributes each to every token before it.
         objective: ``"logprob"`` (default), ``"logit"`` or ``"prob"`` of the target.
         n_steps: integrated-gradients steps (Gauss–Legendre nodes on [0, 1], as Captum's default).
-        baseline: IG/occlusion reference: ``"zero"`` embeddings (default, as Captum), ``"mean"`` (the
-            vocabulary's mean embedding), ``"pad"``, ``"unk"``, ``"bos"``, ``"eos"``, a token id (``0`` reproduces
-            Captum's ``LayerIntegratedGradients`` default, whose baseline is input token 0, and inseq's unk-token
-            baseline for SmolLM2) or a tensor ``[d]``/``[T, d]``; occlusion also ``"remove"``.
-            Why two conventions exist: the design contract keeps Captum's zero baseline as the default, but in a
-            pre-norm model (RMSNorm/LayerNorm before every block, e.g. Llama/SmolLM2) the norm rescales α·e back
-            to unit size for any α > 0 while α = 0 gives the "empty" output, so the IG path is near-discontinuous
-            at α = 0 and completeness fails for any practical ``n_steps``. The attribution spec's variant — a
-            baseline whose path is smooth — is ``baseline="mean"`` (or ``"pad"``, or a tensor, e.g. the mean
-            embedding with the real first token kept in row 0 so the attention sink does not switch on and off
-            along the path; ``notebooks/03_attribution.ipynb`` compares these). Always read ``completeness``
-            (Σ attr − (F(x) − F(x'))) and distrust results whose gap is a sizeable fraction of F(x) − F(x').
+        baseline: IG/occlusion reference (see :func:`baseline_embedding`). Default ``None``: integrated gradients
+            uses ``DEFAULT_BASELINE`` = ``"scaled_mean_first"`` (the real first token in row 0, elsewhere the mean
+            direction of the unit-normalised vocabulary at each token's own norm), occlusion ``"zero"``.
+            Chosen by measurement (``bench/ig_baselines.py`` → ``bench/RESULTS-ig-baselines.md``): in a pre-norm
+            model (RMSNorm/LayerNorm before every block, e.g. Llama/SmolLM2) the norm rescales α·e back to unit
+            size for any α > 0 while α = 0 gives the "empty" output, so with Captum's ``"zero"`` baseline the path is
+            near-discontinuous at α = 0 and completeness fails at any practical ``n_steps`` (gap 1189% of
+            |F(x) − F(x')| for "The capital of France is" on the default model at 50 steps; 0.4% with the default).
+            Keeping the first token keeps the attention sink in place along the path; it therefore gets zero
+            attribution by construction (IG explains the prediction *given* the first token). ``"zero"``
+            (Captum's ``IntegratedGradients`` convention), ``"mean"``, ``"pad"``, ``"unk"``, ``"bos"``, ``"eos"``,
+            ``"mean_first"``, ``"pad_first"``, ``"context_mean_first"``, a token id (``0`` reproduces Captum's
+            ``LayerIntegratedGradients`` default and inseq's unk-token baseline for SmolLM2) or a tensor
+            ``[d]``/``[T, d]`` stay available; occlusion also ``"remove"`` (delete the token). Every IG result
+            records ``baseline`` (kind), ``baseline_embeds`` (the exact x'), ``f_baseline`` (F(x')),
+            ``completeness`` and ``relative_gap``, and warns (:class:`CompletenessWarning`) when
+            |gap| > 5% of |F(x) − F(x')|. Models with hard top-k expert routing (MoE) are discontinuous in the
+            embeddings: no baseline gives completeness there, and the warning says so.
         internal_batch_size: IG steps per forward/backward batch; batch_size: occlusion variants per forward.
         replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed, mlm: ReAGent settings —
             replacement ``"uniform"`` (vocabulary samples), ``"predictive"`` (the model's own next-token
@@ -492,16 +576,27 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
         raise InputError(f"ratio must be in (0, 1) (ReAGent's fraction of tokens replaced per step), got {ratio!r}.")
     if replacement not in ("uniform", "predictive", "mlm") or (replacement == "mlm" and mlm is None):
         raise InputError("replacement must be 'uniform', 'predictive' or 'mlm' (with mlm=callable).")
+    if on_unconverged not in ("flag", "raise"):
+        raise InputError("on_unconverged must be 'flag' or 'raise'.")
+    if method == "reagent" and contrast is not None:
+        raise InputError("ReAGent does not support contrast=: its updates and stopping rule are defined on p(target) "
+                         "alone (Zhao & Shan 2024); use a linear method (grad_x_input, integrated_gradients, "
+                         "occlusion) for contrastive attribution.")
+    if method == "reagent" and objective == "logit":
+        raise InputError("ReAGent does not support objective='logit': its update 2·atanh(Δp) needs a probability "
+                         "difference; use 'logprob' or 'prob' (both run on p(target); objective sets f_value only).")
     full, targets = _resolve_targets(m, text, target, generate, add_bos)
     foil = None if contrast is None else m.token_id(contrast, param="contrast")
     if foil is not None and any(y == foil for _, y in targets):
         raise InputError("contrast is the same token as the target; pick a different foil.")
-    comp = None
+    comp = bases = fbase = None
     extra: dict = {}
+    if baseline is None:
+        baseline = DEFAULT_BASELINE if method == "integrated_gradients" else "zero"
     bar = tqdm(total=1, desc=f"attribute ({method})", disable=not progress, leave=False)
     if method in GRADIENT_METHODS:
         with float32_model(m, upcast), torch.enable_grad():
-            scores, f, comp = _grad_methods(m, full, targets, method, foil=foil, objective=objective,
+            scores, f, comp, bases, fbase = _grad_methods(m, full, targets, method, foil=foil, objective=objective,
                                             n_steps=n_steps, baseline=baseline,
                                             internal_batch_size=internal_batch_size)
     elif method == "occlusion":
@@ -514,7 +609,8 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
     else:
         scores, f, extra = _reagent(m, full, targets, foil=foil, objective=objective, replacement=replacement,
                                     ratio=ratio, top_k=top_k, keep_top_n=keep_top_n, max_steps=max_steps,
-                                    n_probes=n_probes, seed=seed, mlm=mlm, progress=progress)
+                                    n_probes=n_probes, seed=seed, mlm=mlm, progress=progress,
+                                    on_unconverged=on_unconverged)
     bar.update(1)
     bar.close()
     valid = [scores[k, :p] for k, (p, _) in enumerate(targets)]  # later sources are NaN by design (generation)
@@ -523,17 +619,32 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
             f"non-finite {method} scores (NaN/inf in the model's activations, e.g. a bfloat16/float16 overflow); "
             "reload the model with dtype='float32'.")
     toks = m.to_str_tokens(full)
-    settings = {"n_steps": n_steps, "baseline": baseline if isinstance(baseline, (str, int)) else "tensor",
-                "generate": generate}
+    uses_baseline = method in ("integrated_gradients", "occlusion")
+    kind = ("" if not uses_baseline else "tensor" if isinstance(baseline, torch.Tensor)
+            else f"token:{baseline}" if isinstance(baseline, int) else str(baseline))
+    settings = {"n_steps": n_steps, "baseline": kind, "generate": generate}
     if method == "reagent":
         settings.update(replacement=replacement, ratio=ratio, top_k=top_k, keep_top_n=keep_top_n,
-                        max_steps=max_steps, n_probes=n_probes, seed=seed, steps=extra.get("steps"))
+                        max_steps=max_steps, n_probes=n_probes, seed=seed, steps=extra.get("steps"),
+                        converged=extra.get("converged"), on_unconverged=on_unconverged)
+    embeds = None
+    if bases is not None and method == "integrated_gradients":
+        embeds = torch.full((len(targets), len(full) - 1, bases[0].shape[-1]), float("nan"))
+        for k, b in enumerate(bases):
+            embeds[k, : len(b)] = b.float()
+        rel = (comp / (f - fbase).abs().clamp_min(1e-12)).abs()
+        if bool((rel > GAP_TOLERANCE).any()):
+            warnings.warn(f"integrated gradients ({kind} baseline, n_steps={n_steps}): completeness gap up to "
+                          f"{float(rel.max()):.1%} of |F(x) − F(x')| (> {GAP_TOLERANCE:.0%}); the attributions are "
+                          "not converged: raise n_steps or try another baseline.", CompletenessWarning,
+                          stacklevel=2)
     return AttributionResult(
         scores=scores.float(), source_tokens=toks[:-1], target_tokens=[toks[p] for p, _ in targets],
         target_ids=torch.tensor([y for _, y in targets]), target_positions=[p for p, _ in targets], method=method,
         objective=objective, text=text, contrast="" if foil is None else m.tokenizer.decode([foil]),
         f_value=f.float(), completeness=None if comp is None else comp.float(), settings=settings,
-        model_name=m.name, input_ids=full)
+        model_name=m.name, input_ids=full, baseline=kind, baseline_embeds=embeds,
+        f_baseline=None if fbase is None or method != "integrated_gradients" else fbase.float())
 
 
 def _hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -548,21 +659,28 @@ def _masked_distance(m, ek, p_full, prob_keep, n_samples, g) -> torch.Tensor:
 
 
 def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20, seed: int = 0,
-                 max_k: int | None = None) -> dict:
+                 max_k: int | None = None, random: str = "permute") -> dict:
     """Soft sufficiency / comprehensiveness (Zhao & Aletras 2023) and hard top-k deletion curves.
 
     Embeddings are multiplied by Bernoulli keep-masks with keep probability s_i (sufficiency) or 1 − s_i
     (comprehensiveness), s = scores min-max normalised per target. D = Hellinger distance between the full
     next-token distributions, normalised by D(full, all-masked):
     sufficiency = 1 − D(p, p_keep)/D(p, p_null) (higher = better), comprehensiveness = D(p, p_drop)/D(p, p_null).
-    Each is also given as a ratio to seeded uniform random scores. Deletion: F after zeroing the top-k tokens.
+    Each is also given as a ratio to a seeded random control. ``random="permute"`` (default) shuffles the method's
+    own normalised scores over the positions, so the control keeps exactly as many tokens in expectation
+    (Σ keep probabilities equal, reported as ``kept``/``kept_random``) and differs only in *which* tokens;
+    ``random="uniform"`` (the old control: U(0, 1) scores, about half the tokens kept) stays available.
+    Deletion: F after zeroing the top-k tokens.
 
     Returns a dict with per-target arrays and their means.
     """
     g = torch.Generator().manual_seed(seed)
     ids = result.input_ids
     e = _embed(m, ids).detach()
-    out = {k: [] for k in ("sufficiency", "comprehensiveness", "sufficiency_random", "comprehensiveness_random")}
+    if random not in ("permute", "uniform"):
+        raise InputError("random must be 'permute' or 'uniform'.")
+    out = {k: [] for k in ("sufficiency", "comprehensiveness", "sufficiency_random", "comprehensiveness_random",
+                           "kept", "kept_random")}
     curves = []
     with torch.no_grad():
         for k, P in enumerate(result.target_positions):
@@ -573,7 +691,9 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
             p_null = torch.softmax(_last_logits(m, torch.zeros_like(ek)[None])[0].float(), -1)
             d_null = _hellinger(p_full, p_null).clamp_min(1e-9)
 
-            rnd = torch.rand(P, generator=g)
+            rnd = s[torch.randperm(P, generator=g)] if random == "permute" else torch.rand(P, generator=g)
+            out["kept"].append(float(s.sum()))
+            out["kept_random"].append(float(rnd.sum()))
             for key, keep in (("sufficiency", s), ("comprehensiveness", 1 - s), ("sufficiency_random", rnd),
                               ("comprehensiveness_random", 1 - rnd)):
                 d = _masked_distance(m, ek, p_full, keep, n_samples, g) / d_null
