@@ -421,6 +421,7 @@ def test_explorer_click_shows_continuations_without_running_the_model(tiny):
     ex = CriticalTokenExplorer(m, PROMPT, RESPONSE, checker=lb.checkers.number(42), n_samples=3, sampler=scripted,
                                rule="paper")
     assert not ex.error.value and "lb-critical-explorer" in ex._dom_classes
+    assert "lb-crit-rule" in ex.summary.value and "observed keep-arm success rate == 0" in ex.summary.value
     res = ex.result
     assert len(ex.token_buttons) == len(ids) and res.critical_index == 2
     assert "lb-crit-critical" in ex.token_buttons[2]._dom_classes

@@ -89,7 +89,9 @@ class CriticalTokenExplorer(W.VBox):
         self.summary.value = (
             f"<b>{len(res.units)} {res.granularity}s</b>, {res.n_samples} samples per arm · prompt-only accuracy "
             f"{res.base_accuracy:.2f} · critical {res.granularity}: "
-            + ("none" if crit is None else f"<b>{crit}</b> <code>{html.escape(repr(res.units[crit]))}</code>"))
+            + ("none" if crit is None else f"<b>{crit}</b> <code>{html.escape(repr(res.units[crit]))}</code>")
+            + (f"<br><small class='lb-crit-rule'>{html.escape(res.decision['text'])}</small>"
+               if getattr(res, "decision", None) else ""))
         buttons = []
         for i, u in enumerate(res.units):
             label = u.replace("\n", "↵") if u.strip() else (u.replace(" ", "␣").replace("\n", "↵") or "∅")
@@ -156,8 +158,11 @@ class CriticalTokenExplorer(W.VBox):
             return
         keep_label = "kept" if res.granularity == "token" else "after the sentence"
         rep_label = "replaced (token forbidden)" if res.granularity == "token" else "resampled from before it"
+        failing = ""
+        if len(getattr(res, "failing", [])) == len(res.units):
+            failing = f" · {'failing' if bool(res.failing[i]) else 'not failing'} under the rule"
         stats = (f" · keep {float(res.keep_acc[i]):.2f} [{float(res.keep_lo[i]):.2f}, {float(res.keep_hi[i]):.2f}]"
-                 f" · replace {float(res.replace_acc[i]):.2f}</div>")
+                 f" · replace {float(res.replace_acc[i]):.2f}{failing}</div>")
         rows = []
         k = self.max_shown
         firsts = cont.get("replace_first", [])
