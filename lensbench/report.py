@@ -98,20 +98,23 @@ def attribution_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
     methods = ["saliency", "grad_x_input", "integrated_gradients", "occlusion", "rollout"]
     rows, parts = [], []
     for meth in methods:
-        kw = {"baseline": "mean"} if meth == "integrated_gradients" else {}
-        r = attribute(m, prompt, method=meth, progress=False, n_steps=16 if ctx["max_tokens"] < 100 else 50, **kw)
+        # integrated gradients: its default baseline and n_steps=50 (DESIGN §3); the table shows which baseline
+        # and its completeness gap, absolute and relative to |F(x) - F(x')|
+        r = attribute(m, prompt, method=meth, progress=False)
         r.save(ctx["outdir"] / f"attribution_{meth}.safetensors")
         f = faithfulness(m, r, n_samples=8)
+        gap = ("" if r.completeness is None else
+               f"{float(r.completeness[0]):+.3f} ({float(r.relative_gap[0]):+.1%} of |ΔF|)")
         rows.append((meth, f["sufficiency_mean"], f["comprehensiveness_mean"], f["sufficiency_ratio"],
-                     f["comprehensiveness_ratio"],
-                     "" if r.completeness is None else f"{float(r.completeness[0]):.2e}"))
+                     f["comprehensiveness_ratio"], r.baseline or "—", gap or "—"))
         parts.append(attribution_html(r))
     table = ("<table><tr><th>method</th><th>soft sufficiency</th><th>soft comprehensiveness</th><th>suff. / random"
-             "</th><th>comp. / random</th><th>IG completeness gap</th></tr>"
+             "</th><th>comp. / random</th><th>baseline</th><th>IG completeness gap</th></tr>"
              + "".join(f"<tr><td>{a}</td><td>{b:.3f}</td><td>{c:.3f}</td><td>{d:.2f}</td><td>{e:.2f}</td>"
-                       f"<td>{g}</td></tr>" for a, b, c, d, e, g in rows) + "</table>")
+                       f"<td>{html.escape(bl)}</td><td>{g}</td></tr>" for a, b, c, d, e, bl, g in rows) + "</table>")
     gen = attribute(m, prompt, method="grad_x_input", generate=4 if ctx["max_tokens"] < 100 else 8, progress=False)
-    ctx["results"]["attribution"] = {r[0]: {"sufficiency": r[1], "comprehensiveness": r[2]} for r in rows}
+    ctx["results"]["attribution"] = {r[0]: {"sufficiency": r[1], "comprehensiveness": r[2], "baseline": r[5],
+                                            "completeness_gap": r[6]} for r in rows}
     return [("Attribution: methods side by side, with faithfulness", table + "<br>".join(parts)),
             ("Attribution of a greedy generation (grad × input)", _fig_html(gen.figure()))]
 

@@ -28,7 +28,8 @@ class AttributionExplorer(W.VBox):
         methods: methods shown side by side (small multiples); the first is the main one.
         generate: tokens to generate and attribute (0 = the next token only).
         method_options: per-method keyword arguments for :func:`lensbench.attribute`
-            (default: integrated gradients with the "mean" baseline and 32 steps).
+            (default: the library's, i.e. integrated gradients with its measured default baseline and
+            n_steps=50; the panel shows which baseline each result used and its completeness gap).
         target: the token to explain when ``generate=0`` (string or id; default: the greedy next token).
 
     Attributes:
@@ -38,8 +39,7 @@ class AttributionExplorer(W.VBox):
     def __init__(self, m, text: str = "The capital of France is", *, methods=DEFAULT_METHODS, generate: int = 6,
                  method_options: dict | None = None, target: str | int | None = None):
         self.m = m
-        opts = {"integrated_gradients": {"baseline": "mean", "n_steps": 32}}
-        opts.update(method_options or {})
+        opts = dict(method_options or {})
         self.error = W.HTML("")
         self.results: dict[str, lb.AttributionResult] = {}
         try:
@@ -55,6 +55,7 @@ class AttributionExplorer(W.VBox):
             options=[(f"{i}: {t!r}", i) for i, t in enumerate(targets)], value=len(targets) - 1 if targets else None,
             description="target", style={"button_width": "auto"})
         self.main = W.HTML("")
+        self.baseline_info = W.HTML("")
         self.multiples = W.HTML("")
         self.heatmap = go.FigureWidget()
         self.faith_button = W.Button(description="Compute faithfulness", icon="check")
@@ -62,10 +63,12 @@ class AttributionExplorer(W.VBox):
         self.method.add_class("lb-attr-method")
         self.target_buttons.add_class("lb-attr-targets")
         self.main.add_class("lb-attr-main")
+        self.baseline_info.add_class("lb-attr-baseline")
         self.method.observe(lambda _c: self.redraw(), names="value")
         self.target_buttons.observe(lambda _c: self.redraw(), names="value")
         self.faith_button.on_click(lambda _b: self.compute_faithfulness())
-        super().__init__([self.error, self.method, self.target_buttons, self.main, self.multiples, self.heatmap,
+        super().__init__([self.error, self.method, self.target_buttons, self.main, self.baseline_info,
+                          self.multiples, self.heatmap,
                           W.HBox([self.faith_button]), self.faith])
         self.add_class("lb-attribution-explorer")
         self.redraw()
@@ -83,6 +86,7 @@ class AttributionExplorer(W.VBox):
             return
         res = self.results[self.method.value]
         self.main.value = attribution_html(res, target=self.target)
+        self.baseline_info.value = self.baseline_text(res, self.target)
         cells = "".join(f"<div style='flex:1 1 45%;border:1px solid #ddd;padding:4px;margin:2px'>"
                         f"{attribution_html(r, target=self.target)}</div>"
                         for name, r in self.results.items() if name != self.method.value)
@@ -92,6 +96,19 @@ class AttributionExplorer(W.VBox):
             self.heatmap.data = []
             self.heatmap.add_trace(fig.data[0])
             self.heatmap.layout = fig.layout
+
+    @staticmethod
+    def baseline_text(res: lb.AttributionResult, target: int) -> str:
+        """One line: the baseline a result used and, for integrated gradients, its completeness gap."""
+        if not res.baseline:
+            return ""
+        line = f"baseline: <code>{html.escape(res.baseline)}</code>"
+        if res.completeness is not None and res.relative_gap is not None:
+            gap, rel = float(res.completeness[target]), float(res.relative_gap[target])
+            ok = abs(rel) <= 0.05
+            line += (f" · completeness gap {gap:+.3f} = {rel:+.1%} of |F(x) − F(x')| "
+                     + ("(within 5%)" if ok else "<b style='color:#b00'>(over 5%: not converged)</b>"))
+        return f"<div style='font-size:12px'>{line}</div>"
 
     def compute_faithfulness(self, n_samples: int = 8) -> None:
         """Soft sufficiency / comprehensiveness of every method (model passes; on request only)."""
