@@ -6,10 +6,15 @@ Three probes (spec ``critical.md``; "Critical Tokens Matter", Lin et al.; "thoug
   from prompt + response[:i+1] (the *keep* arm: token i kept) and from prompt + response[:i] with token i
   forbidden (the *replace* arm: an alternative token drawn from the renormalised distribution), check each
   finished response with a ``checker`` and report both success-rate curves with Wilson intervals, the drops
-  acc_keep(i) − acc_keep(i+1), unbiased pass@k and the paper's critical-token rule. ``granularity="sentence"``
-  does the same per sentence: keep = rollouts after the sentence, replace = rollouts from before it whose
-  regenerated first sentence is *dissimilar* to the original (cosine < 0.8 of sentence embeddings) —
-  resampling and counterfactual importance.
+  acc_keep(i) − acc_keep(i+1), unbiased pass@k and the critical token under a decision rule with stated power
+  (default: a prefix is failing when the one-sided 95 % Wilson upper bound of its keep-arm success rate is below
+  the paper's 3/64 — it needs n >= 56 and fires on 0/64; ``rule="paper"`` is Lin et al.'s observed-zero rule;
+  ``result.decision`` holds the exact binomial false-positive rate). ``granularity="sentence"`` does the same per
+  sentence (thought anchors, Bogdan et al. 2025): keep = rollouts after the sentence, replace = rollouts from
+  before it whose regenerated first sentence is *dissimilar* to the original (cosine below a threshold
+  calibrated for the embedder; thought anchors' 0.8 belongs to all-MiniLM-L6-v2) — resampling and counterfactual
+  importance as accuracy differences and as KL divergences of the answer distributions (add-one smoothed;
+  deviation: the answer is the checker's verdict unless ``answer=`` is given).
 * :func:`contrastive_tokens`: p_ce(t) = softmax((1+β)·z_pos − β·z_neg)[y_t] and log p_pos − log p_neg per token.
 
 Speed: every sample of one prefix runs in one batched ``generate`` (in chunks of ``batch_size`` rows) that
