@@ -48,6 +48,8 @@ NONSMOOTH = {"mixtral", "olmoe", "deepseek_v3", "deepseek_v4", "xlstm"}
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_ig_default_baseline_completeness_matrix(tiny, arch):
+    if arch == "deepseek_v4":
+        pytest.skip("hash-routed experts need input_ids: no gradient w.r.t. input embeddings")
     if arch in NONSMOOTH:  # no baseline can give completeness: the result must say so
         with pytest.warns(A.CompletenessWarning):
             lb.attribute(tiny(arch), PROMPT, progress=False)
@@ -132,7 +134,7 @@ def test_faithfulness_random_control_keeps_as_many_tokens(tiny, monkeypatch):
     real = A._masked_distance
 
     def spy(m_, ek, p_full, prob_keep, n_samples, g):
-        seen.append(float(prob_keep.sum()))
+        seen.append(float(prob_keep.sum(-1).float().mean()))  # expected kept tokens per mask
         return real(m_, ek, p_full, prob_keep, n_samples, g)
     monkeypatch.setattr(A, "_masked_distance", spy)
     f = lb.faithfulness(m, res, n_samples=4)

@@ -652,8 +652,10 @@ def _hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_distance(m, ek, p_full, prob_keep, n_samples, g) -> torch.Tensor:
-    """Mean Hellinger distance to ``p_full`` with embeddings kept with probability ``prob_keep`` ``[P]``."""
-    mask = (torch.rand(n_samples, ek.shape[0], generator=g) < prob_keep[None]).to(ek.dtype).to(ek.device)
+    """Mean Hellinger distance to ``p_full`` with embeddings kept with probability ``prob_keep`` ``[P]`` (or one row
+    per sample, ``[n_samples, P]``)."""
+    pk = prob_keep[None] if prob_keep.dim() == 1 else prob_keep
+    mask = (torch.rand(n_samples, ek.shape[0], generator=g) < pk).to(ek.dtype).to(ek.device)
     lg = _last_logits(m, ek[None] * mask[..., None]).float()
     return _hellinger(p_full[None], torch.softmax(lg, -1)).mean()
 
@@ -667,7 +669,8 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
     next-token distributions, normalised by D(full, all-masked):
     sufficiency = 1 − D(p, p_keep)/D(p, p_null) (higher = better), comprehensiveness = D(p, p_drop)/D(p, p_null).
     Each is also given as a ratio to a seeded random control. ``random="permute"`` (default) shuffles the method's
-    own normalised scores over the positions, so the control keeps exactly as many tokens in expectation
+    own normalised scores over the positions (a fresh permutation per mask sample), so the control keeps exactly
+    as many tokens in expectation
     (Σ keep probabilities equal, reported as ``kept``/``kept_random``) and differs only in *which* tokens;
     ``random="uniform"`` (the old control: U(0, 1) scores, about half the tokens kept) stays available.
     Deletion: F after zeroing the top-k tokens.
@@ -691,9 +694,12 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
             p_null = torch.softmax(_last_logits(m, torch.zeros_like(ek)[None])[0].float(), -1)
             d_null = _hellinger(p_full, p_null).clamp_min(1e-9)
 
-            rnd = s[torch.randperm(P, generator=g)] if random == "permute" else torch.rand(P, generator=g)
+            if random == "permute":  # a fresh permutation of the method's scores for every mask sample
+                rnd = torch.stack([s[torch.randperm(P, generator=g)] for _ in range(n_samples)])
+            else:
+                rnd = torch.rand(P, generator=g)
             out["kept"].append(float(s.sum()))
-            out["kept_random"].append(float(rnd.sum()))
+            out["kept_random"].append(float(rnd.sum(-1).mean()))
             for key, keep in (("sufficiency", s), ("comprehensiveness", 1 - s), ("sufficiency_random", rnd),
                               ("comprehensiveness_random", 1 - rnd)):
                 d = _masked_distance(m, ek, p_full, keep, n_samples, g) / d_null
