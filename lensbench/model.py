@@ -755,7 +755,8 @@ class LensModel:
         except Exception as e:  # noqa: BLE001 - any failure means: no prefix reuse
             if is_oom(e):
                 raise
-            return False, f"a cropped cache cannot be extended ({type(e).__name__}: {str(e)[:120]})"
+            return False, (f"its cache cannot be cropped back to a prefix and extended — a recurrent state cannot be "
+                           f"rewound ({type(e).__name__}: {str(e)[:100]})")
         d = _maxdiff(step.logits[:, -1], ref)
         if not d <= 10 * tolerance(self.dtype) * max(1.0, float(ref.float().abs().max())):
             return False, (f"a cache cropped to a prefix and extended differs from a fresh forward by {d:.3g} "

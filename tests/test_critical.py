@@ -659,3 +659,10 @@ def test_default_embedder_calibrated_on_the_default_model(default_model):
     assert new["balanced_accuracy"] >= 0.9
     assert np.mean(np.asarray(new["different_cos"]) < new["threshold"]) >= 0.9
     assert np.mean(new["paraphrase_cos"]) - np.mean(new["different_cos"]) > 0.3
+
+
+def test_recurrent_model_is_refused_with_the_reason(tiny):
+    """The in-process sampler reuses a cropped prefix cache; a recurrent state (Mamba) cannot be rewound."""
+    m = tiny("mamba")
+    with pytest.raises(lb.InputError, match="critical_tokens reuses a prefix cache.*cannot be rewound"):
+        lb.critical_tokens(m, "Q: 2+2? A:", " 4", checker=lb.checkers.number(4), n_samples=4, progress=False)

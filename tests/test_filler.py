@@ -512,3 +512,15 @@ def test_sweep_ci_over_items_with_n():
     assert rows[1]["delta_ci"] == pytest.approx(d.as_tuple())
     assert {"n_items", "ci_method"} <= set(res.to_dataframe().columns)
     assert not hasattr(F, "_bootstrap_ci")
+
+
+def test_sweep_on_a_recurrent_model_scores_from_scratch(tiny):
+    """Mamba's state cannot be rewound: the sweep says so and scores every arm without cache reuse, with the
+    numbers of an explicit reuse_cache=False run."""
+    m = tiny("mamba")
+    items = lb.tasks.arithmetic(2, seed=0)
+    kw = dict(fillers=(" .",), counts=(0, 3), progress=False)
+    with pytest.warns(UserWarning, match="cannot reuse a prefix cache"):
+        a = lb.filler_sweep(m, items, **kw)
+    b = lb.filler_sweep(m, items, reuse_cache=False, **kw)
+    assert a.settings["reuse_cache"] is False and torch.equal(a.logprob, b.logprob)

@@ -1064,6 +1064,8 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
     if granularity == "sentence":
         emb = embedder if embedder is not None else _default_embedder(m)
     emb_name = getattr(emb, "__name__", None) or getattr(emb, "__qualname__", None) or repr(emb)
+    if sampler is None:  # the in-process sampler reuses a cropped prefix cache: refuse models that cannot
+        m.require_prefix_cache("critical_tokens")
     eng = _Engine(m, prompt_ids, resp_ids, checker, n_samples, settings, seed, sampler or hf_sampler, batch_size,
                   progress)
     # the weights' fingerprint, not the name: two models called alike must never share rollouts

@@ -907,6 +907,11 @@ def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128)
             raise InputError(f"items[{i}] with {counts[-1]} fillers is {total} tokens, more than {m.name}'s "
                              f"{m.max_length}; use smaller counts or shorter questions.")
         scores: dict[tuple[int, int], tuple] = {}
+        if reuse_cache and not m.capabilities["prefix_cache"]:
+            warnings.warn(f"filler_sweep: {m.name} cannot reuse a prefix cache "
+                          f"({m.capabilities['prefix_cache_reason']}); scoring every arm from scratch "
+                          "(reuse_cache=False: the same numbers, slower).", stacklevel=2)
+            reuse_cache = False
         if reuse_cache:
             _sweep_cached(m, q_ids, arms, tail, a_ids, scores)
         else:
