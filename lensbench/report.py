@@ -103,7 +103,7 @@ def attribution_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
         r = attribute(m, prompt, method=meth, progress=False)
         r.save(ctx["outdir"] / f"attribution_{meth}.safetensors")
         f = faithfulness(m, r, n_samples=8)
-        gap = ("" if r.completeness is None else
+        gap = ("" if r.relative_gap is None else
                f"{float(r.completeness[0]):+.3f} ({float(r.relative_gap[0]):+.1%} of |ΔF|)")
         rows.append((meth, f["sufficiency_mean"], f["comprehensiveness_mean"], f["sufficiency_ratio"],
                      f["comprehensiveness_ratio"], r.baseline or "—", gap or "—"))
