@@ -141,3 +141,11 @@ def test_faithfulness_random_control_keeps_as_many_tokens(tiny, monkeypatch):
     suff, comp, suff_rnd, comp_rnd = seen[:4]
     assert suff_rnd == pytest.approx(suff, abs=1e-5) and comp_rnd == pytest.approx(comp, abs=1e-5)
     assert f["kept"][0] == pytest.approx(f["kept_random"][0], abs=1e-5)
+
+
+def test_explorer_and_report_show_the_baseline(tiny):
+    pytest.importorskip("ipywidgets")
+    from lensbench.widgets import AttributionExplorer
+    ex = AttributionExplorer(tiny("llama"), PROMPT, methods=("integrated_gradients", "saliency"), generate=2,
+                             method_options={"integrated_gradients": {"n_steps": 8}})
+    assert "scaled_mean_first" in ex.baseline_info.value and "completeness gap" in ex.baseline_info.value
