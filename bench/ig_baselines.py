@@ -24,6 +24,14 @@ from lensbench.testing import ARCHITECTURES, tiny_model
 CANDIDATES = ["zero", "mean", "pad", "mean_first", "pad_first", "context_mean_first", "scaled_mean_first"]
 PROMPTS = ["The capital of France is", "The Eiffel Tower is a famous landmark in the city of",
            "When Mary and John went to the store, John gave a drink to"]
+NOTE = """
+Reading: `passes` needs every model; no candidate passes on the architectures whose output is not smooth in the
+embeddings (hard top-k expert routing: mixtral, olmoe, deepseek_v3; xLSTM's max-stabilised exponential gating;
+deepseek_v4's hash routing needs input_ids, so no gradient method runs): there lensbench warns
+(`CompletenessWarning`). Over the default model and every other architecture, `scaled_mean_first` is the only
+candidate within 5% (worst 4.8% on the default model, 4.9% on opt_project_out), hence the default
+(`lensbench.probes.attribution.DEFAULT_BASELINE`). Captum's `zero` misses by up to 1189% on the default model.
+"""
 TINY_PROMPTS = ["The capital of France is", "Hello world, hello lens. Numbers: 12 + 30 ="]
 
 
@@ -48,8 +56,8 @@ def measure(m, prompts, label):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     r = lb.attribute(m, p, baseline=c, n_steps=50, progress=False)
-            except lb.InputError as e:  # e.g. no pad token
-                rows.append((label, p, c, float("nan"), float("nan"), float("nan"), str(e)[:40]))
+            except Exception as e:  # noqa: BLE001 - e.g. no pad token; hash-routed MoE needs input_ids
+                rows.append((label, p, c, float("nan"), float("nan"), float("nan"), type(e).__name__ + ": " + str(e)[:40].replace("|", "/")))
                 continue
             note = ""
             try:
@@ -91,6 +99,7 @@ def main():
         mx = max((v for v in w if v == v), default=float("nan"))
         lines.append(f"| `{c}` | " + " | ".join(f"{v:.1%}" for v in w) + f" | {mx:.1%} | "
                      + ("yes" if mx <= GAP_TOLERANCE else "no") + " |")
+    lines += NOTE.splitlines()
     lines += ["", "## Every measurement", "", "| model | prompt | baseline | F(x) - F(x') | gap | gap / dF | time |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {a} | {b[:32]!r} | `{c}` | {d:.3f} | {e:+.4f} | {f:+.2%} | {g} |" for a, b, c, d, e, f, g in rows]

@@ -545,7 +545,7 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
             model (RMSNorm/LayerNorm before every block, e.g. Llama/SmolLM2) the norm rescales α·e back to unit
             size for any α > 0 while α = 0 gives the "empty" output, so with Captum's ``"zero"`` baseline the path is
             near-discontinuous at α = 0 and completeness fails at any practical ``n_steps`` (gap 1189% of
-            |F(x) − F(x')| for "The capital of France is" on the default model at 50 steps; 0.4% with the default).
+            |F(x) − F(x')| for "The capital of France is" on the default model at 50 steps; 0.3% with the default).
             Keeping the first token keeps the attention sink in place along the path; it therefore gets zero
             attribution by construction (IG explains the prediction *given* the first token). ``"zero"``
             (Captum's ``IntegratedGradients`` convention), ``"mean"``, ``"pad"``, ``"unk"``, ``"bos"``, ``"eos"``,
