@@ -254,7 +254,8 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
         progress: show a ``tqdm`` bar when there is more than one batch.
         add_bos: None = the tokenizer's default; True/False force a BOS token on/off.
         truncate: cut over-long texts to the model's context with a warning instead of raising.
-        padding_side: ``"right"`` (default, exact for every architecture) or ``"left"``.
+        padding_side: ``"right"`` (default, exact for every architecture) or ``"left"`` (for models whose
+            recurrence does not mask left pads, measured once per model, right padding is used instead).
         backend: ``"hf"``, ``"nnsight"`` or ``"transformer_lens"``; default: how the model was loaded.
         logits: False lets the backend skip the model's output logits (saves a ``[B, T, V]`` tensor and one full
             unembedding); ``Capture.losses`` are then NaN.
@@ -264,6 +265,9 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
     if reduce is not None and not callable(reduce):
         raise InputError("reduce must be a function f(batch) -> list with one entry per text of the batch.")
     layers = m.check_layers(layers)
+    if padding_side == "left" and not m.capabilities["left_padding"]:
+        padding_side = "right"  # the recurrence does not mask left pads; right padding is exact and gives the
+        # same per-text (unpadded) states, which is all a capture returns
     texts, ids = tokenize(m, texts, add_bos=add_bos, truncate=truncate)
     n = len(texts)
     hidden: list[torch.Tensor | None] = [None] * n

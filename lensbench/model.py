@@ -737,8 +737,54 @@ class LensModel:
             caps: dict[str, Any] = {k: k in params for k in ("position_ids", "logits_to_keep", "inputs_embeds")}
             caps["cache_kwarg"] = "cache" if "cache" in params else "past_key_values"
             caps["prefix_cache"], caps["prefix_cache_reason"] = self._probe_prefix_cache(caps["cache_kwarg"])
+            caps["embeds_forward"], caps["embeds_forward_reason"] = self._probe_embeds_forward()
+            caps["left_padding"] = self._probe_left_padding()
             self._caps = caps
         return self._caps
+
+    @torch.no_grad()
+    def _probe_embeds_forward(self) -> tuple[bool, str]:
+        """Whether ``forward(inputs_embeds=embed(ids))`` gives the logits of ``forward(input_ids=ids)``."""
+        ids = self.encode(_VALIDATION_TEXT)[None, :6].to(self.input_device)
+        try:
+            a = self.model(inputs_embeds=self.embed_module(ids), use_cache=False).logits
+        except Exception as e:  # noqa: BLE001 - any failure means: no gradient path through embeddings
+            if is_oom(e):
+                raise
+            return False, f"its forward fails from input embeddings ({type(e).__name__}: {str(e)[:100]})"
+        b = self.model(input_ids=ids, use_cache=False).logits
+        d = _maxdiff(a, b)
+        if not d <= 10 * tolerance(self.dtype) * max(1.0, float(b.float().abs().max())):
+            return False, (f"its forward from input embeddings differs from its forward from token ids by {d:.3g} "
+                           "(it uses the ids themselves, e.g. for routing or per-layer embeddings)")
+        return True, ""
+
+    @torch.no_grad()
+    def _probe_left_padding(self) -> bool:
+        """Whether a left-padded batch gives the real tokens' last-layer states of unpadded runs (false for
+        recurrences that do not mask padding, e.g. RecurrentGemma's)."""
+        from .capture import pad_batch
+        a, b = self.encode("hello world, the quick fox"), self.encode("one two")
+        ids, mask = pad_batch(self, [a, b], "left")
+        try:
+            with self.hooks([self.n_layers]) as st:
+                self.forward(ids, mask)
+            padded = st[self.n_layers][1, ids.shape[1] - len(b):].float()
+            with self.hooks([self.n_layers]) as st:
+                self.forward(b[None])
+            alone = st[self.n_layers][0].float()
+        except LensbenchError:
+            return False
+        return _maxdiff(padded, alone) <= 100 * tolerance(self.dtype) * max(1.0, float(alone.abs().max()))
+
+    def require_embeds_forward(self, probe: str) -> None:
+        """Raise a clear :class:`InputError` when ``probe`` needs gradients through the input embeddings and the
+        model's forward cannot run from them."""
+        caps = self.capabilities
+        if not caps["embeds_forward"]:
+            raise InputError(f"{probe} takes gradients through the input embeddings, but {self.name} cannot run from "
+                             f"them: {caps['embeds_forward_reason']}. Methods that run from token ids work on it: "
+                             "method='attention', 'rollout' or 'value_norm'.")
 
     @torch.no_grad()
     def _probe_prefix_cache(self, kwarg: str) -> tuple[bool, str]:

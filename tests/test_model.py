@@ -328,8 +328,18 @@ def test_new_families_run_geometry_and_attribution(tiny, arch):
     texts = ["The quick brown fox jumps over the lazy dog. " * 3, "One, two, three, four, five; six seven. " * 3]
     gid = lb.intrinsic_dimension(m, texts, estimator="twonn", progress=False)
     assert np.isfinite(np.asarray(gid.values, dtype=float)).mean() > 0.5
-    att = lb.attribute(m, "The capital of France is", method="grad_x_input", progress=False)
+    if arch in ("deepseek_v4", "gemma3n_text"):  # their forwards use the token ids themselves (hash routing,
+        assert not m.capabilities["embeds_forward"]  # per-layer token embeddings): no path through embeddings
+        for method in ("grad_x_input", "occlusion"):
+            with pytest.raises(lb.InputError, match="cannot run from them.*'attention'"):
+                lb.attribute(m, "The capital of France is", method=method, progress=False)
+        att = lb.attribute(m, "The capital of France is", method="attention", progress=False)
+    else:
+        assert m.capabilities["embeds_forward"]
+        att = lb.attribute(m, "The capital of France is", method="grad_x_input", progress=False)
     assert att.scores.shape[1] == len(m.encode("The capital of France is")) and torch.isfinite(att.scores).all()
+    # recurrences that do not mask left pads (capture then pads right, which is exact)
+    assert m.capabilities["left_padding"] == (arch not in ("recurrent_gemma", "rwkv", "xlstm"))
 
 
 def test_text_decoder_inside_a_multimodal_model_works_on_text():

@@ -594,6 +594,8 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
     if baseline is None:
         baseline = DEFAULT_BASELINE if method == "integrated_gradients" else "zero"
     bar = tqdm(total=1, desc=f"attribute ({method})", disable=not progress, leave=False)
+    if method in GRADIENT_METHODS or method == "occlusion":  # both run the model from (edited) embeddings
+        m.require_embeds_forward(f"attribute(method={method!r})")
     if method in GRADIENT_METHODS:
         with float32_model(m, upcast), torch.enable_grad():
             scores, f, comp, bases, fbase = _grad_methods(m, full, targets, method, foil=foil, objective=objective,
