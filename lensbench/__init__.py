@@ -59,10 +59,15 @@ from .probes.critical import (  # noqa: E402
     contrastive_tokens,
     critical_tokens,
     pass_at_k,
+    wilson_interval,
 )
 
 __all__ += ["critical_tokens", "contrastive_tokens", "CriticalTokensResult", "ContrastiveResult", "checkers",
-            "pass_at_k"]
+            "pass_at_k", "wilson_interval"]
+from . import stats  # noqa: E402
+from .probes.attribution import CompletenessWarning, ConvergenceWarning  # noqa: E402
+
+__all__ += ["stats", "CompletenessWarning", "ConvergenceWarning"]
 
 # --- contextual memory (issue 4): exports go here ---
 from .probes.memory import ContextualMemoryResult, contextual_memory  # noqa: E402

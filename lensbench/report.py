@@ -9,6 +9,7 @@ import html
 import json
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,7 +64,6 @@ def lens_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
 
 
 def geometry_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
-    import warnings
 
     from .capture import windows
     from .probes.geometry import (
@@ -159,9 +159,13 @@ def critical_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
     quick = ctx["max_tokens"] < 100
     prompt = "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"
     response = " Tom has 3 + 5 = 9 apples. The answer is 9."
-    res = critical_tokens(m, prompt, response, checker=checkers.number(8), n_samples=3 if quick else 8,
-                          max_new_tokens=6 if quick else 16, temperature=0.7, search="coarse",
-                          stride=4 if quick else 2, seed=0, progress=ctx.get("progress", False))
+    # a report has seconds, not the 64 rollouts per prefix the powered rule needs: use the paper's point rule
+    # and print its false-positive rate at this n (res.decision) next to the verdict
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = critical_tokens(m, prompt, response, checker=checkers.number(8), n_samples=3 if quick else 8,
+                              max_new_tokens=6 if quick else 16, temperature=0.7, search="coarse",
+                              stride=4 if quick else 2, seed=0, rule="paper", progress=ctx.get("progress", False))
     res.save(ctx["outdir"] / "critical_tokens.safetensors")
     crit = res.critical_index
     ctx["results"]["critical"] = {"critical_index": crit, "critical_token": None if crit is None else res.units[crit],
@@ -171,6 +175,7 @@ def critical_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
             f"<code>number(8)</code>; {res.n_samples} continuations per arm, coarse-to-fine search "
             f"({len(res.evaluated)} of {len(res.units)} tokens evaluated). Critical token: "
             + ("none" if crit is None else f"{crit} <code>{html.escape(repr(res.units[crit]))}</code>")
+            + f". Decision: {html.escape(str(res.decision.get('text', '')))}"
             + ". Colour: accuracy drop caused by each token.</p>")
     return [("Critical tokens: rollouts of a wrong arithmetic answer",
              note + critical_html(res) + _fig_html(res.figure()))]
