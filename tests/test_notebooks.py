@@ -41,6 +41,7 @@ CI_PARAMETERS: dict[str, dict] = {
         "TRAIN_TOKENS_PER_TEXT": 64,
         "MAX_TOKENS": 256,
         "TUNED_STEPS": 5,
+        "TOKENS_PER_STEP": 16,
         "SWEEP_TEXTS": 2,
         "SWEEP_TOKENS": 16,
         "TUNED_LENS_PATH": "{tmp}/tuned-lens.safetensors",
