@@ -159,15 +159,24 @@ def test_coarse_to_fine_finds_marker_with_fewer_units(tiny):
     assert {first_occurrence - 1, first_occurrence} <= set(coarse.evaluated)
 
 
-def test_sentence_granularity_resampling_and_counterfactual(tiny):
-    m = tiny("llama")
-    response = "We add two. The marker zzz appears here. So it is done."
+MARKER_RESPONSE = "We add two. The marker zzz appears here. So it is done."
+
+
+def _marker_sampler(m):
+    """A scripted sampler: answers 13 (wrong) once the prefix holds the marker ' zzz', else 42 (right)."""
     zzz = m.tokenizer(" zzz", add_special_tokens=False)["input_ids"]
 
     def scripted(req):
         ids = list(req.prefix_ids)
         bad = any(ids[i:i + len(zzz)] == zzz for i in range(len(ids)))
         return [" Next step. Answer 13" if bad else " Next step. Answer 42" for _ in req.first]
+    return scripted
+
+
+def test_sentence_granularity_resampling_and_counterfactual(tiny):
+    m = tiny("llama")
+    response = MARKER_RESPONSE
+    scripted = _marker_sampler(m)
 
     def far(texts):  # every regenerated sentence is dissimilar to the original
         return torch.tensor([[1.0, 0.0]] + [[0.0, 1.0]] * (len(texts) - 1))
@@ -579,13 +588,8 @@ def test_sentence_kl_importances_match_their_definition(tiny):
     """Thought anchors: resampling KL = KL(answers resampled from sentence i || from i+1); counterfactual KL =
     KL(answers of dissimilar resamples || sentence kept); add-one smoothing over the answers seen."""
     m = tiny("llama")
-    response = "We add two. The marker zzz appears here. So it is done."
-    zzz = m.tokenizer(" zzz", add_special_tokens=False)["input_ids"]
-
-    def scripted(req):
-        ids = list(req.prefix_ids)
-        bad = any(ids[i:i + len(zzz)] == zzz for i in range(len(ids)))
-        return [" Next step. Answer 13" if bad else " Next step. Answer 42" for _ in req.first]
+    response = MARKER_RESPONSE
+    scripted = _marker_sampler(m)
 
     def far(texts):
         return torch.tensor([[1.0, 0.0]] + [[0.0, 1.0]] * (len(texts) - 1))
