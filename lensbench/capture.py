@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .devices import empty_cache, is_oom
-from .errors import InputError, LensbenchError, ModelRunError
-from .model import LensModel, check_text
+from .errors import InputError
+from .model import LensModel, check_text, model_errors
 
 
 @dataclass
@@ -225,15 +225,10 @@ def forward_batch(m: LensModel, ids: list[torch.Tensor], layers: list[int], *, p
     input_ids, mask = pad_batch(m, ids, padding_side)
     input_ids, mask = input_ids.to(m.input_device), mask.to(m.input_device)
     with torch.no_grad():
-        try:
+        with model_errors(m, f"in a capture of {tuple(input_ids.shape)} tokens through the "
+                             f"{backend or m.backend!r} backend"):
             hidden, out_logits = run_backend(backend or m.backend, m, input_ids, mask, layers, padding_side,
                                              logits=logits)
-        except (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError) as e:
-            if is_oom(e) or isinstance(e, LensbenchError):
-                raise
-            raise ModelRunError(f"{m.name} failed in a capture of {tuple(input_ids.shape)} tokens through the "
-                                f"{backend or m.backend!r} backend with {type(e).__name__}: {e}. Try batch_size=1, "
-                                "a shorter text or dtype='float32'; if it persists, report it with the model id.") from e
     return CaptureBatch(model=m, indices=list(indices or range(len(ids))), input_ids=input_ids, attention_mask=mask,
                         lengths=[len(x) for x in ids], hidden=hidden, logits=out_logits, padding_side=padding_side)
 

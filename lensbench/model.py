@@ -829,20 +829,27 @@ class LensModel:
 _MODEL_FAILURES = (RuntimeError, TypeError, KeyError, ValueError, IndexError, AttributeError, NotImplementedError)
 
 
-def run_model(m: LensModel, **kw):
-    """``m.model(**kw)``, with the model's own failures (not out-of-memory, not lensbench's) turned into a
-    :class:`ModelRunError` that names the model, the input shape and what to try."""
+@contextlib.contextmanager
+def model_errors(m: LensModel, what: str):
+    """Turn the model's own failures inside the block (not out-of-memory, not lensbench's errors) into a
+    :class:`ModelRunError` naming the model, ``what`` it was doing and what to try; OOM passes through for back-off."""
     try:
-        return m.model(**kw)
+        yield
     except _MODEL_FAILURES as e:
         if is_oom(e) or isinstance(e, LensbenchError):
             raise
-        ids = kw.get("input_ids", kw.get("inputs_embeds"))
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else "?"
         raise ModelRunError(
-            f"{m.name} ({type(m.model).__name__}) failed on an input of shape {shape} with {type(e).__name__}: "
-            f"{e}. This is the model's own code failing, not lensbench's check; try a shorter text, "
-            "dtype='float32', batch_size=1, or report it with the model id.") from e
+            f"{m.name} ({type(m.model).__name__}) failed {what} with {type(e).__name__}: {e}. This is the model's "
+            "own code failing, not lensbench's check; try a shorter text, dtype='float32', batch_size=1, or report "
+            "it with the model id.") from e
+
+
+def run_model(m: LensModel, **kw):
+    """``m.model(**kw)`` under :func:`model_errors`."""
+    ids = kw.get("input_ids", kw.get("inputs_embeds"))
+    shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else "?"
+    with model_errors(m, f"on an input of shape {shape}"):
+        return m.model(**kw)
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -881,7 +888,7 @@ def model_fingerprint(model: nn.Module, *, n_samples: int = 1024) -> str:
             k = min(n_samples, flat.numel())
             idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
             h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
-            h.update(f"{float(flat.to(torch.float64).sum()):.10e}".encode())
+            h.update(f"{float(flat.sum(dtype=torch.float64)):.10e}".encode())  # no float64 copy of the tensor
     return h.hexdigest()[:16]
 
 
