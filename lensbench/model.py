@@ -739,11 +739,16 @@ class LensModel:
             caps["prefix_cache"], caps["prefix_cache_reason"] = self._probe_prefix_cache(caps["cache_kwarg"])
             caps["embeds_forward"], caps["embeds_forward_reason"] = self._probe_embeds_forward()
             caps["left_padding"] = self._probe_left_padding()
+            inconclusive = [k for k in ("prefix_cache", "embeds_forward", "left_padding") if caps[k] is None]
+            for k in inconclusive:  # non-finite outputs (broken weights, a NaN-injecting hook): not a capability
+                caps[k] = True      # verdict — let the probe run into its own NaN check; measure again next time
+            if inconclusive:
+                return caps
             self._caps = caps
         return self._caps
 
     @torch.no_grad()
-    def _probe_embeds_forward(self) -> tuple[bool, str]:
+    def _probe_embeds_forward(self) -> tuple[bool | None, str]:
         """Whether ``forward(inputs_embeds=embed(ids))`` gives the logits of ``forward(input_ids=ids)``."""
         ids = self.encode(_VALIDATION_TEXT)[None, :6].to(self.input_device)
         try:
@@ -753,6 +758,8 @@ class LensModel:
                 raise
             return False, f"its forward fails from input embeddings ({type(e).__name__}: {str(e)[:100]})"
         b = self.model(input_ids=ids, use_cache=False).logits
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return None, ""
         d = _maxdiff(a, b)
         if not d <= 10 * tolerance(self.dtype) * max(1.0, float(b.float().abs().max())):
             return False, (f"its forward from input embeddings differs from its forward from token ids by {d:.3g} "
@@ -760,7 +767,7 @@ class LensModel:
         return True, ""
 
     @torch.no_grad()
-    def _probe_left_padding(self) -> bool:
+    def _probe_left_padding(self) -> bool | None:
         """Whether a left-padded batch gives the real tokens' last-layer states of unpadded runs (false for
         recurrences that do not mask padding, e.g. RecurrentGemma's)."""
         from .capture import pad_batch
@@ -775,6 +782,8 @@ class LensModel:
             alone = st[self.n_layers][0].float()
         except LensbenchError:
             return False
+        if not (torch.isfinite(padded).all() and torch.isfinite(alone).all()):
+            return None
         return _maxdiff(padded, alone) <= 100 * tolerance(self.dtype) * max(1.0, float(alone.abs().max()))
 
     def require_embeds_forward(self, probe: str) -> None:
@@ -787,7 +796,7 @@ class LensModel:
                              "method='attention', 'rollout' or 'value_norm'.")
 
     @torch.no_grad()
-    def _probe_prefix_cache(self, kwarg: str) -> tuple[bool, str]:
+    def _probe_prefix_cache(self, kwarg: str) -> tuple[bool | None, str]:
         ids = self.encode(_VALIDATION_TEXT)[None, :6].to(self.input_device)
         try:
             out = self.model(input_ids=ids, use_cache=True)
@@ -803,6 +812,8 @@ class LensModel:
                 raise
             return False, (f"its cache cannot be cropped back to a prefix and extended — a recurrent state cannot be "
                            f"rewound ({type(e).__name__}: {str(e)[:100]})")
+        if not (torch.isfinite(step.logits).all() and torch.isfinite(ref).all()):
+            return None, ""
         d = _maxdiff(step.logits[:, -1], ref)
         if not d <= 10 * tolerance(self.dtype) * max(1.0, float(ref.float().abs().max())):
             return False, (f"a cache cropped to a prefix and extended differs from a fresh forward by {d:.3g} "

@@ -388,3 +388,18 @@ def test_prefix_cache_capability_is_measured(tiny, arch):
     else:
         with pytest.raises(lb.InputError, match="critical_tokens reuses a prefix cache.*forward-only probes"):
             m.require_prefix_cache("critical_tokens")
+
+
+def test_capabilities_are_not_decided_on_non_finite_outputs():
+    """A NaN-injecting hook (or broken weights) makes every comparison NaN: that is no capability verdict — the
+    probes run into their own NaN checks, and the flags are measured again once outputs are finite."""
+    m = lb.load(*tiny_model("llama"))
+    h = m.blocks[0].register_forward_hook(lambda _m, _a, out: (out[0] * float("nan"),) + tuple(out[1:])
+                                          if isinstance(out, tuple) else out * float("nan"))
+    try:
+        caps = m.capabilities
+        assert caps["prefix_cache"] and caps["embeds_forward"] and caps["left_padding"]
+        assert getattr(m, "_caps", None) is None     # not cached
+    finally:
+        h.remove()
+    assert m.capabilities["prefix_cache"] and m._caps is not None
