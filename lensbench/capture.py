@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from .devices import empty_cache, is_oom
+from .engine.batches import default_token_budget, run_batches  # noqa: F401 - re-exported
 from .errors import InputError
 from .model import LensModel, check_text, model_errors
 
@@ -168,54 +167,6 @@ def pad_batch(m: LensModel, ids: list[torch.Tensor], padding_side: str = "right"
             out[b, : len(x)] = x
             mask[b, : len(x)] = 1
     return out, mask
-
-
-def default_token_budget(device: torch.device) -> int:
-    """Tokens per batch for ``batch_size="auto"`` before any out-of-memory back-off."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(max(2048, min(65536, free // (2 * 1024 * 1024) * 32)))
-    return 4096
-
-
-def run_batches(m: LensModel, ids: list[torch.Tensor], step: Callable[[list[int]], Any], *,
-                batch_size: int | str = "auto", progress: bool = True, desc: str = "lensbench") -> dict:
-    """Run ``step(indices)`` over batches of ``ids`` (longest first), halving the batch on out-of-memory.
-
-    Shared by every batched computation in lensbench. Returns stats (batches run, OOM retries, final size).
-    """
-    n = len(ids)
-    order = sorted(range(n), key=lambda i: -len(ids[i]))
-    if batch_size == "auto":
-        bs = max(1, default_token_budget(m.device) // max(1, len(ids[order[0]])))
-    elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
-        bs = batch_size
-    else:
-        raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}.")
-    bs = min(bs, n)
-    stats = {"batches": 0, "oom_retries": 0, "batch_size": bs}
-    bar = tqdm(total=n, desc=desc, disable=not progress or bs >= n, leave=False)
-    pos = 0
-    while pos < n:
-        idx = order[pos: pos + bs]
-        try:
-            step(idx)
-        except Exception as e:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not is_oom(e):
-                raise
-            empty_cache(m.device)
-            if bs == 1:
-                raise InputError("out of memory with batch_size=1: use a shorter text, fewer layers, a smaller "
-                                 "dtype (dtype='bfloat16') or a larger device.") from e
-            bs = max(1, bs // 2)
-            stats["oom_retries"] += 1
-            continue
-        pos += len(idx)
-        stats["batches"] += 1
-        bar.update(len(idx))
-    bar.close()
-    stats["batch_size"] = bs
-    return stats
 
 
 def forward_batch(m: LensModel, ids: list[torch.Tensor], layers: list[int], *, padding_side: str = "right",
