@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import ipywidgets as W
 
 import lensbench as lb
+from lensbench.engine import Cancelled as EngineCancelled
+from lensbench.engine import cancel_scope
 
 from ._figsync import sync_figure_widgets
 
@@ -509,8 +511,9 @@ class Workbench(W.VBox):
         outcome, style = "done", "success"
         self._install_hooks()
         try:
-            then = job()
-        except Cancelled:
+            with cancel_scope(self._cancel):  # every engine primitive stops at its next batch or step, too
+                then = job()
+        except (Cancelled, EngineCancelled):
             outcome, style = "cancelled", "warning"
             self.message.value = _msg(f"{self._label}: cancelled (press Run or revisit the tab to redo it).",
                                       "#a60", "■")
