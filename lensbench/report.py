@@ -98,7 +98,7 @@ def attribution_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
     methods = ["saliency", "grad_x_input", "integrated_gradients", "occlusion", "rollout"]
     rows, parts = [], []
     for meth in methods:
-        # integrated gradients: its default baseline and n_steps=50 (DESIGN §3); the table shows which baseline
+        # integrated gradients: its default baseline and n_steps=50; the table shows which baseline
         # and its completeness gap, absolute and relative to |F(x) - F(x')|
         r = attribute(m, prompt, method=meth, progress=False)
         r.save(ctx["outdir"] / f"attribution_{meth}.safetensors")
@@ -120,9 +120,6 @@ def attribution_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
 
 
 SECTIONS: list[Section] = [model_section, lens_section, geometry_section, attribution_section]
-
-# --- filler section (issue 6): define filler_section above and append it here ---
-
 
 def filler_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
     """Small filler-token section: class ablation on 2-3 shipped texts (cut to the report's token budget) and a
@@ -149,9 +146,6 @@ def filler_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
 
 
 SECTIONS.append(filler_section)
-
-# --- critical-token section (issue 7): define critical_section above and append it here ---
-
 
 def critical_section(m: LensModel, ctx: dict) -> list[tuple[str, str]]:
     """Rollout criticality of a deliberately wrong arithmetic answer (small sample counts; coarse search)."""

@@ -5,21 +5,11 @@ folder and is installed as ``lensbench.widgets``. Importing ``lensbench`` alone 
 """
 
 from .attribution import AttributionExplorer
+from .critical import CriticalTokenExplorer
+from .filler import FillerExplorer
 from .geometry import GeometryExplorer
 from .lens import LogitLensExplorer
+from .workbench import Workbench  # the Workbench tabs over every explorer above
 
-__all__ = ["LogitLensExplorer", "GeometryExplorer", "AttributionExplorer"]
-
-# --- FillerExplorer (issue 6) goes here ---
-from .filler import FillerExplorer  # noqa: E402
-
-__all__ += ["FillerExplorer"]
-
-# --- CriticalTokenExplorer (issue 7) goes here ---
-from .critical import CriticalTokenExplorer  # noqa: E402
-
-__all__ += ["CriticalTokenExplorer"]
-
-from .workbench import Workbench  # noqa: E402 - the Workbench tabs over every explorer above (issue 8)
-
-__all__ += ["Workbench"]
+__all__ = ["LogitLensExplorer", "GeometryExplorer", "AttributionExplorer", "FillerExplorer", "CriticalTokenExplorer",
+           "Workbench"]

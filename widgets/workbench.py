@@ -131,16 +131,8 @@ EXPLORERS: dict[str, TabSpec] = {
     "geometry": TabSpec("geometry", _build_geometry),
     "attribution": TabSpec("attribution", _build_attribution, _position_key),
 }
-try:  # the filler-token explorer (issue 6) is a tab when it is installed
-    from .filler import FillerExplorer as _FE  # noqa: F401
-    EXPLORERS["filler"] = TabSpec("filler", _build_filler)
-except ImportError:  # pragma: no cover
-    pass
-try:  # the criticality explorer (issue 7) is a tab when it is installed
-    from .critical import CriticalTokenExplorer as _CTE  # noqa: F401
-    EXPLORERS["criticality"] = TabSpec("criticality", _build_critical, _position_key)
-except ImportError:  # pragma: no cover
-    pass
+EXPLORERS["filler"] = TabSpec("filler", _build_filler)
+EXPLORERS["criticality"] = TabSpec("criticality", _build_critical, _position_key)
 
 
 def register_explorer(name: str, build: Callable[[Workbench], W.Widget],
