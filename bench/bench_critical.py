@@ -1,7 +1,7 @@
 """Critical-token benchmark on the default model (SmolLM2-135M-Instruct, float32, CPU):
 
 * continuations per second of the rollout engine — all samples of one prefix in one batched ``generate`` reusing
-  the prefix KV cache expanded over the batch (``lensbench.probes.critical.hf_sampler``) — vs a loop of single
+  the prefix KV cache expanded over the batch (``lensbench.engine.sample``) — vs a loop of single
   ``generate(do_sample=True)`` calls from the same prefix (target: >= 5x);
 * the cost of a token-level scan of a 100-token response, full vs coarse-to-fine (every 8th token, then bisection
   around keep-accuracy changes): wall time, tokens evaluated, continuations generated, critical token found.
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import lensbench as lb
-from lensbench.probes.critical import PrefixState, RolloutRequest, hf_sampler
+from lensbench.engine import PrefixCache, RolloutRequest
+from lensbench.engine import sample as hf_sampler
 
 HERE = Path(__file__).resolve().parent
 QUESTION = "Ben has 15 marbles. He loses 6 and then finds 4. How many marbles does he have?"
@@ -47,10 +48,10 @@ def bench_throughput(m, prompt_ids, n_rows, new_tokens, loop_budget_s):
     settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": new_tokens, "stop": []}
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():  # warm-up of both paths (allocator, kernels), untimed
-        hf_sampler(RolloutRequest(m, prompt_ids, [[]] * 2, [0, 1], dict(settings, max_new_tokens=2), PrefixState(m)))
+        hf_sampler(RolloutRequest(m, prompt_ids, [[]] * 2, [0, 1], dict(settings, max_new_tokens=2), PrefixCache(m)))
         m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=2,
                          pad_token_id=m.tokenizer.pad_token_id)
-    state = PrefixState(m)
+    state = PrefixCache(m)
     t0 = time.perf_counter()
     ours = hf_sampler(RolloutRequest(m, prompt_ids, [[]] * n_rows, list(range(n_rows)), settings, state))
     t_ours = time.perf_counter() - t0

@@ -9,6 +9,7 @@ Every probe that reports an interval uses these (one implementation, one vocabul
   mean (percentile bootstraps under-cover at small n); from 20 clusters on, a BCa cluster bootstrap.
 * :func:`wilson_interval` — the Wilson score interval of a binomial proportion (arrays).
 * :func:`wilson_upper` — its one-sided upper bound, for decision rules with a stated false-positive rate.
+* :func:`pass_at_k` — the unbiased pass@k estimate from n samples with c successes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import math
 
 import numpy as np
 
-__all__ = ["Interval", "mean_ci", "wilson_interval", "wilson_upper", "SMALL_N"]
+from .errors import InputError
+
+__all__ = ["Interval", "mean_ci", "wilson_interval", "wilson_upper", "pass_at_k", "SMALL_N"]
 
 #: below this many clusters :func:`mean_ci` uses a t interval instead of a bootstrap.
 SMALL_N = 20
@@ -141,3 +144,14 @@ def wilson_upper(successes, n, alpha: float = 0.05) -> np.ndarray:
     """One-sided ``1 − alpha`` Wilson upper bound on a binomial proportion (arrays)."""
     from scipy import stats as _st
     return wilson_interval(successes, n, z=float(_st.norm.ppf(1 - alpha)))[1]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 − C(n−c, k) / C(n, k) (Chen et al. 2021), computed as a stable product."""
+    if not (isinstance(n, (int, np.integer)) and isinstance(c, (int, np.integer)) and isinstance(k, (int, np.integer))):
+        raise InputError("pass_at_k needs integer n, c, k.")
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise InputError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}.")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))

@@ -1,4 +1,4 @@
-"""Critical tokens (issue 7): rollout criticality with keep/replace arms, pass@k, Wilson intervals, the paper's
+"""Critical tokens: rollout criticality with keep/replace arms, pass@k, Wilson intervals, the paper's
 critical-token rule, seeded and chunk-independent sampling with the prefix KV cache reused, coarse-to-fine search,
 resumable on-disk cache, sentence-level resampling / counterfactual importance, and contrastive estimation
 (two models, two peft LoRA adapters on one base). Tiny random models throughout; the default model only where a
@@ -222,6 +222,59 @@ def test_seeded_and_chunk_independent(tiny, dtype):
         assert a.units[cont["unit"]] not in cont["replace_first"]
 
 
+def test_identical_with_injected_oom_and_batch_size_1(tiny):
+    """A real out-of-memory error in the middle of a batched generation (one forward pre-hook on the model, once)
+    makes the engine split the rows and run them again: same continuations as without it and as one row per call."""
+    m = tiny("llama")
+    n = 4
+    kw = dict(checker=_letter_checker(), n_samples=n, max_new_tokens=5, positions=[0, 6], progress=False, seed=2)
+    ref = lb.critical_tokens(m, PROMPT, RESPONSE, **kw)
+    one = lb.critical_tokens(m, PROMPT, RESPONSE, batch_size=1, **kw)
+    fired = []
+
+    def hook(_mod, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is not None and x.shape[0] == 2 * n and kwargs.get("cache", kwargs.get("past_key_values")) is not None:
+            fired.append(tuple(x.shape))
+            if len(fired) == 3:  # the third decoding step of the first keep + replace batch
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+    h = m.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        oom = lb.critical_tokens(m, PROMPT, RESPONSE, **kw)
+    finally:
+        h.remove()
+    assert len(fired) > 3 and ref.n_rollouts == oom.n_rollouts == one.n_rollouts
+    assert oom == ref and one == ref
+    assert [c["keep"] + c["replace"] for c in oom.continuations] == [c["keep"] + c["replace"]
+                                                                      for c in ref.continuations]
+
+
+def test_other_backends_refuse_the_hf_engine_and_run_a_custom_sampler_through_theirs(tiny, monkeypatch):
+    """The in-process engine runs the transformers model itself: under nnsight it is refused (naming the backend
+    and the way back to 'hf'), never silently used; with a custom sampler the replace arm's alternatives and the
+    contrastive scores come from nnsight traces (counted), with the numbers of the hf backend."""
+    pytest.importorskip("nnsight")
+    import lensbench.backends.nnsight as nnsight_backend
+    m = tiny("llama")
+    nn_m = lb.LensModel(m.model, m.tokenizer, backend="nnsight")
+    with pytest.raises(InputError, match=r"backend='nnsight'.*backend='hf'.*lb\.load\(m\.model, m\.tokenizer\)"):
+        lb.critical_tokens(nn_m, PROMPT, RESPONSE, checker=_letter_checker(), n_samples=2, progress=False)
+    _, _, scripted, _ = _marker_setup(m, 2)
+    kw = dict(checker=lb.checkers.number(42), n_samples=4, sampler=scripted, rule="paper", positions=[1, 2, 3],
+              progress=False)
+    ref = lb.critical_tokens(m, PROMPT, RESPONSE, **kw)
+    ce_ref = lb.contrastive_tokens(m, m, TEXT, beta=1.0)
+    calls = []
+    real = nnsight_backend.run
+    monkeypatch.setattr(nnsight_backend, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = lb.critical_tokens(nn_m, PROMPT, RESPONSE, **kw)
+    assert len(calls) == 3                                       # one trace per evaluated unit
+    assert res.critical_index == ref.critical_index == 2 and torch.equal(res.keep_acc.nan_to_num(-1), ref.keep_acc.nan_to_num(-1))
+    assert [c["replace_first"] for c in res.continuations] == [c["replace_first"] for c in ref.continuations]
+    ce = lb.contrastive_tokens(nn_m, nn_m, TEXT, beta=1.0)
+    assert len(calls) == 5 and torch.allclose(ce.p_ce, ce_ref.p_ce, atol=1e-6)
+
+
 def test_kv_cache_reuse_matches_generation_without_cache(tiny):
     m = tiny("llama")
     kw = dict(checker=_letter_checker(), n_samples=3, max_new_tokens=6, positions=[2, 7], progress=False)
@@ -312,6 +365,9 @@ def test_bad_inputs(tiny):
         lb.critical_tokens(m, PROMPT, RESPONSE, checker=chk, positions=[999])
     with pytest.raises(InputError, match="contrastive_tokens"):
         lb.critical_tokens(m, PROMPT, RESPONSE, checker=chk, mode="contrastive")
+    for bad in (0, "big", True):
+        with pytest.raises(InputError, match="batch_size must be a positive int or 'auto'"):
+            lb.critical_tokens(m, PROMPT, RESPONSE, checker=chk, batch_size=bad)
 
     def broken(text):
         raise ValueError("no number here")

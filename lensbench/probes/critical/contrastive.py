@@ -1,0 +1,164 @@
+"""Contrastive estimation: per-token p_ce = softmax((1+β)·log p_pos − β·log p_neg)[y_t] between two models (or two
+peft adapters of one base) teacher-forced on the same text, and the log-likelihood difference."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ...capture import forward_batch
+from ...errors import InputError
+from ...model import LensModel, check_text
+from ...results import Result
+from .figures import _clean, token_html
+
+__all__ = ["contrastive_tokens", "ContrastiveResult"]
+
+
+@dataclasses.dataclass(eq=False)
+class ContrastiveResult(Result):
+    """Contrastive estimation between a positive and a negative model on one text.
+
+    Attributes:
+        tokens: all T tokens of the text; token_ids ``[T]``.
+        p_ce ``[T-1]``: softmax_v((1+β) z_pos − β z_neg)[y_t] for scored tokens 1..T-1;
+        logprob_diff ``[T-1]``: log p_pos(y_t) − log p_neg(y_t); logp_pos / logp_neg ``[T-1]``.
+        beta, text, pos_name, neg_name.
+    """
+
+    tokens: list
+    token_ids: torch.Tensor
+    p_ce: torch.Tensor
+    logprob_diff: torch.Tensor
+    logp_pos: torch.Tensor
+    logp_neg: torch.Tensor
+    beta: float
+    text: str
+    pos_name: str = ""
+    neg_name: str = ""
+
+    @property
+    def criticality(self) -> torch.Tensor:
+        """1 − p_ce: the criticality weight of each scored token ([T-1])."""
+        return 1 - self.p_ce
+
+    def to_dataframe(self):
+        import pandas as pd
+        return pd.DataFrame({"position": range(1, len(self.tokens)), "token": self.tokens[1:],
+                             "p_ce": self.p_ce.numpy(), "criticality": (1 - self.p_ce).numpy(),
+                             "logprob_diff": self.logprob_diff.numpy(), "logp_pos": self.logp_pos.numpy(),
+                             "logp_neg": self.logp_neg.numpy()})
+
+    def figure(self, **kw):
+        import plotly.graph_objects as go
+        x = [f"{t}:{_clean(tok)}" for t, tok in enumerate(self.tokens)][1:]
+        fig = go.Figure([go.Bar(x=x, y=(1 - self.p_ce).numpy(), name="1 − p_ce"),
+                         go.Scatter(x=x, y=self.logprob_diff.numpy(), name="log p_pos − log p_neg", yaxis="y2",
+                                    mode="lines+markers")])
+        fig.update_layout(title=f"contrastive estimation (β = {self.beta:g}): criticality 1 − p_ce per token",
+                          yaxis={"title": "1 − p_ce", "range": [0, 1]},
+                          yaxis2={"title": "log-prob difference", "overlaying": "y", "side": "right"},
+                          height=kw.get("height", 380), legend={"orientation": "h"})
+        return fig
+
+    def _repr_html_(self) -> str:
+        return (f"<b>ContrastiveResult</b> (β = {self.beta:g}, {len(self.tokens) - 1} scored tokens; colour = "
+                "1 − p_ce)<br>" + token_html(self.tokens[1:], (1 - self.p_ce).numpy()))
+
+
+def _same_tokenizer(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return len(a) == len(b) and a.get_vocab() == b.get_vocab() and (
+            getattr(a, "all_special_tokens", None) == getattr(b, "all_special_tokens", None))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@torch.no_grad()
+def _last_hidden(m: LensModel, ids: torch.Tensor, adapter: str | None) -> torch.Tensor:
+    """Last block output ``[T-1, d]`` at positions 0..T-2 (those predicting tokens 1..T-1), through the model's
+    backend."""
+    with _adapter(m, adapter):
+        L = m.n_layers
+        return forward_batch(m, [ids], [L], logits=False).hidden[L][0, :-1]
+
+
+class _adapter:
+    """Activate a peft adapter by name for the call (restoring the previously active one)."""
+
+    def __init__(self, m: LensModel, name: str | None):
+        self.m, self.name, self.old = m, name, None
+
+    def __enter__(self):
+        if self.name is None:
+            return self
+        model = self.m.model
+        if not hasattr(model, "set_adapter"):
+            raise InputError(f"adapter {self.name!r} was given but {self.m.name} has no peft adapters "
+                             "(load a peft model with lb.load(peft_model, tokenizer)).")
+        self.old = getattr(model, "active_adapter", None)
+        if callable(self.old):
+            self.old = self.old()
+        try:
+            model.set_adapter(self.name)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"adapter {self.name!r} could not be activated on {self.m.name}: {e}") from e
+        return self
+
+    def __exit__(self, *exc):
+        if self.name is not None and self.old is not None:
+            self.m.model.set_adapter(self.old)
+
+
+def contrastive_tokens(m_pos: LensModel, m_neg: LensModel, text: str, *, beta: float = 1.0,
+                       pos_adapter: str | None = None, neg_adapter: str | None = None, add_bos: bool | None = None,
+                       chunk: int = 256) -> ContrastiveResult:
+    """Contrastive estimation: teacher-force ``text`` through both models and score each token y_t (t >= 1) by
+    p_ce(t) = softmax_v((1+β)·z_pos(t) − β·z_neg(t))[y_t] (criticality 1 − p_ce) and the log-likelihood
+    difference log p_pos(y_t) − log p_neg(y_t).
+
+    Two LoRA adapters on one peft base: pass the same LensModel twice with ``pos_adapter="pos",
+    neg_adapter="neg"``. Tokenizers must match. Logits are computed ``chunk`` positions at a time in float32.
+    """
+    check_text(text, "text")
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta):
+        raise InputError(f"beta must be a finite number, got {beta!r}.")
+    if not (isinstance(m_pos, LensModel) and isinstance(m_neg, LensModel)):
+        raise InputError("m_pos and m_neg must be LensModels (wrap each with lb.load(model, tokenizer)).")
+    if not _same_tokenizer(m_pos.tokenizer, m_neg.tokenizer):
+        raise InputError(f"m_pos ({m_pos.name}) and m_neg ({m_neg.name}) have different tokenizers; contrastive "
+                         "estimation compares the two models token by token, so they must share one vocabulary "
+                         "(use two fine-tunes or adapters of the same base model).")
+    if m_pos.vocab_size != m_neg.vocab_size:
+        raise InputError(f"m_pos has {m_pos.vocab_size} output logits but m_neg has {m_neg.vocab_size}; both must "
+                         "score the same vocabulary.")
+    ids = m_pos.encode(text, add_bos=add_bos)
+    if len(ids) < 2:
+        raise InputError("text must be at least 2 tokens long: the first token is not scored.")
+    y = ids[1:]
+    T1 = len(y)
+    p_ce, lp_pos, lp_neg = torch.empty(T1), torch.empty(T1), torch.empty(T1)
+    hp = _last_hidden(m_pos, ids, pos_adapter)
+    hn = _last_hidden(m_neg, ids, neg_adapter)
+    for s in range(0, T1, chunk):
+        sl = slice(s, s + chunk)
+        with torch.no_grad(), _adapter(m_pos, pos_adapter):
+            zp = m_pos.unembed(hp[sl])
+        with torch.no_grad(), _adapter(m_neg, neg_adapter):
+            zn = m_neg.unembed(hn[sl]).to(zp.device)
+        yy = y[sl].to(zp.device)[:, None]
+        lp = torch.log_softmax(zp, -1)
+        ln = torch.log_softmax(zn, -1)
+        # log-softmax first: per-position constants cancel exactly in the contrast
+        zc = (1 + beta) * lp - beta * ln
+        p_ce[sl] = torch.softmax(zc, -1).gather(-1, yy)[:, 0].cpu()
+        lp_pos[sl] = lp.gather(-1, yy)[:, 0].cpu()
+        lp_neg[sl] = ln.gather(-1, yy)[:, 0].cpu()
+    return ContrastiveResult(tokens=m_pos.to_str_tokens(ids), token_ids=ids.cpu(), p_ce=p_ce,
+                             logprob_diff=lp_pos - lp_neg, logp_pos=lp_pos, logp_neg=lp_neg, beta=float(beta),
+                             text=text, pos_name=m_pos.name + (f" [{pos_adapter}]" if pos_adapter else ""),
+                             neg_name=m_neg.name + (f" [{neg_adapter}]" if neg_adapter else ""))
