@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -128,7 +129,6 @@ def test_generation_rows_equal_brute_force(tiny, method):
             x = e[None].clone().requires_grad_(True)
             ref = torch.autograd.grad(F(x).sum(), x)[0][0].norm(dim=-1)
         else:  # 4-node Gauss-Legendre on [0, 1], zero baseline
-            import numpy as np
             nodes, wts = np.polynomial.legendre.leggauss(4)
             g = torch.zeros_like(e)
             for a, w in zip(0.5 * (nodes + 1), 0.5 * wts):
@@ -189,13 +189,97 @@ def test_agrees_with_captum(tiny, arch):
     assert torch.allclose(occ.scores[0], ref.float(), rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_gradients_in_float32(tiny):
+@pytest.mark.parametrize("method", ["integrated_gradients", "grad_x_input"])
+def test_bfloat16_gradients_in_float32_leave_the_model_untouched(tiny, method):
+    """Under the upcast a bfloat16 model gives the attributions of a float32 copy of itself (up to float32
+    reordering noise, atol 1e-5 on scores of order 1), and its parameters are the same tensors afterwards."""
     mb = tiny("llama", torch.bfloat16)
-    r16 = lb.attribute(mb, PROMPT, target="e", progress=False)
-    assert mb.model.dtype == torch.bfloat16  # cast back
+    before = {n: (p.dtype, p.data_ptr()) for n, p in mb.model.named_parameters()}
+    r16 = lb.attribute(mb, PROMPT, target="e", method=method, n_steps=16, progress=False)
+    assert {n: (p.dtype, p.data_ptr()) for n, p in mb.model.named_parameters()} == before
+    assert r16.settings["upcast"] is True
     m32 = lb.load(copy.deepcopy(mb.model).float(), mb.tokenizer)
-    r32 = lb.attribute(m32, PROMPT, target="e", progress=False)
-    assert torch.allclose(r16.scores, r32.scores, atol=1e-5)
+    r32 = lb.attribute(m32, PROMPT, target="e", method=method, n_steps=16, progress=False)
+    assert r32.settings["upcast"] is False  # a float32 model needs none
+    assert torch.allclose(r16.scores, r32.scores, atol=1e-5), (r16.scores - r32.scores).abs().max()
+    raw = lb.attribute(mb, PROMPT, target="e", method=method, n_steps=16, upcast=False, progress=False)
+    assert raw.settings["upcast"] is False and not torch.allclose(raw.scores, r32.scores, atol=1e-5)  # it matters
+
+
+class OOMOnce:
+    """A forward pre-hook that raises a real ``torch.OutOfMemoryError`` on the ``k``-th call of the model."""
+
+    def __init__(self, model: nn.Module, k: int):
+        self.k, self.calls, self.fired = k, 0, False
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        self.calls += 1
+        if not self.fired and self.calls == self.k:
+            self.fired = True
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+
+@pytest.mark.parametrize("method, kw, k", [
+    ("integrated_gradients", dict(n_steps=8, internal_batch_size=4), 2),   # calls: node batches, then F(x), F(x')
+    ("occlusion", dict(batch_size=4), 3),                                   # F(x), then batches of variants
+    ("occlusion", dict(batch_size=4, baseline="remove"), 3),
+    ("reagent", dict(batch_size=4, n_probes=4, max_steps=3), 3),            # p(y|x), then probe batches
+])
+def test_identical_results_after_an_injected_oom(tiny, method, kw, k):
+    """An out-of-memory error in the k-th forward (a batched one) halves that batch and retries it: the same numbers
+    up to float32 rounding (a CPU matmul over fewer rows may round the last bit differently: atol 1e-6)."""
+    m = tiny("llama")
+    assert m.capabilities["embeds_forward"]  # measured before counting calls
+    count = OOMOnce(m.model, k=0)
+    try:
+        ref = lb.attribute(m, PROMPT, target="e", method=method, progress=False, **kw)
+    finally:
+        count.handle.remove()
+    hook = OOMOnce(m.model, k=k)
+    try:
+        res = lb.attribute(m, PROMPT, target="e", method=method, progress=False, **kw)
+    finally:
+        hook.handle.remove()
+    assert hook.fired and hook.calls > count.calls + 1  # the failed batch ran again, as two halves
+    assert torch.allclose(res.scores, ref.scores, rtol=0, atol=1e-6, equal_nan=True), (res.scores - ref.scores)
+    assert torch.allclose(res.f_value, ref.f_value, rtol=0, atol=1e-6)
+
+
+def test_faithfulness_identical_after_an_injected_oom(toy):
+    res = lb.attribute(toy, "hello world the fox jumps", method="occlusion", baseline="mean", progress=False)
+    ref = lb.faithfulness(toy, res, n_samples=8, batch_size=4)
+    hook = OOMOnce(toy.model, k=3)  # the first masked batch (after the full and the all-masked forwards)
+    try:
+        f = lb.faithfulness(toy, res, n_samples=8, batch_size=4)
+    finally:
+        hook.handle.remove()
+    assert hook.fired and np.allclose(f["sufficiency"], ref["sufficiency"], rtol=0, atol=1e-6)
+    assert all(np.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(f["deletion_curves"], ref["deletion_curves"]))
+
+
+def test_other_backends_refuse_embedding_methods_and_run_reagent(tiny, monkeypatch):
+    """Gradient, occlusion and attention methods need the raw model: a clear error naming the backend and the
+    way back to 'hf'; ReAGent runs from token ids through the nnsight trace itself (counted), same numbers."""
+    pytest.importorskip("nnsight")
+    import lensbench.backends.nnsight as nnsight_backend
+    m = tiny("llama")
+    nn_m = lb.LensModel(m.model, m.tokenizer, backend="nnsight")
+    for method in ("saliency", "integrated_gradients", "occlusion", "attention", "value_norm"):
+        with pytest.raises(lb.InputError, match=r"backend='nnsight'.*lb\.load\(m\.model, m\.tokenizer\)"):
+            lb.attribute(nn_m, PROMPT, method=method, progress=False)
+    with pytest.raises(lb.InputError, match="does not route gradient"):
+        lb.attribute(nn_m, PROMPT, method="grad_x_input", progress=False)
+    ref = lb.attribute(m, PROMPT, method="reagent", generate=2, n_probes=4, max_steps=3, progress=False)
+    with pytest.raises(lb.InputError, match="faithfulness.*backend='nnsight'"):
+        lb.faithfulness(nn_m, ref)
+    calls = []
+    real = nnsight_backend.run
+    monkeypatch.setattr(nnsight_backend, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = lb.attribute(nn_m, PROMPT, method="reagent", generate=2, n_probes=4, max_steps=3, progress=False)
+    assert len(calls) >= 2 + 1 + 2  # greedy decoding (2), and per target its full forward and replaced probes
+    assert torch.equal(res.input_ids, ref.input_ids)
+    assert torch.allclose(res.scores.nan_to_num(0), ref.scores.nan_to_num(0), atol=1e-6)
 
 
 def test_generation_attribution(tiny, tmp_path):

@@ -136,9 +136,9 @@ def test_faithfulness_random_control_keeps_as_many_tokens(tiny, monkeypatch):
     seen = []
     real = A._masked_distance
 
-    def spy(m_, ek, p_full, prob_keep, n_samples, g):
+    def spy(m_, ek, p_full, prob_keep, n_samples, g, **kw):
         seen.append(float(prob_keep.sum(-1).float().mean()))  # expected kept tokens per mask
-        return real(m_, ek, p_full, prob_keep, n_samples, g)
+        return real(m_, ek, p_full, prob_keep, n_samples, g, **kw)
     monkeypatch.setattr(A, "_masked_distance", spy)
     f = lb.faithfulness(m, res, n_samples=4)
     suff, comp, suff_rnd, comp_rnd = seen[:4]

@@ -2,8 +2,10 @@
 
 F is the target's log-probability by default (``objective="logit"``/``"prob"`` too); with ``contrast=foil`` it
 is logit(y) − logit(foil) (Yin & Neubig 2022). Gradients flow through the output of
-``get_input_embeddings()`` (so every architecture works) and are taken in float32 even for a bfloat16 model
-(the model is upcast in place for the call and cast back, which is exact).
+``get_input_embeddings()`` (so every architecture works) and are taken in float32 even for a bfloat16 model:
+every pass runs through :mod:`lensbench.engine` (:func:`lensbench.engine.float32` feeds float32 copies of the
+weights; the user's model is never re-cast), and every batched pass (IG nodes, occlusion variants, ReAGent
+probes, faithfulness masks) halves its batch on out-of-memory and retries it with identical rows.
 
 Methods: saliency, grad_x_input, integrated_gradients, occlusion, attention, rollout, value_norm, reagent.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import warnings
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import engine
 from ..errors import InputError, LensbenchError
 from ..model import LensModel
 from ..results import Result
@@ -109,18 +111,18 @@ class AttributionResult(Result):
 
 
 # --------------------------------------------------------------------------------------------- plumbing
-@contextlib.contextmanager
-def float32_model(m: LensModel, enabled: bool = True):
-    """Temporarily hold the model in float32 (exact round trip for bfloat16/float16 weights)."""
-    dt = next(m.model.parameters()).dtype
-    if not enabled or dt == torch.float32:
-        yield
+def _require_hf(m: LensModel, what: str, why: str) -> None:
+    """Raise a clear :class:`InputError` when ``what`` needs the raw model and ``m`` runs through another backend."""
+    if m.backend == "hf":
         return
-    m.model.to(torch.float32)
-    try:
-        yield
-    finally:
-        m.model.to(dt)
+    alt = (f", or use method='reagent', which runs from token ids through the {m.backend!r} backend"
+           if what.startswith("attribute") else "")
+    raise InputError(
+        f"{what} {why}, which lensbench runs on the 'hf' backend only; {m.name} was loaded with "
+        f"backend={m.backend!r}, and lensbench does not fall back to the raw model silently (nnsight exposes "
+        "gradients, but lensbench does not route gradient or embedding passes through it). Wrap the same "
+        "underlying transformers model with the 'hf' backend: lb.load(m.model, m.tokenizer) (no copy of the "
+        f"weights){alt}.")
 
 
 @contextlib.contextmanager
@@ -156,37 +158,53 @@ def _objective(logits: torch.Tensor, y: torch.Tensor, foil: torch.Tensor | None,
     return torch.log_softmax(z, -1).gather(-1, y[:, None])[:, 0]
 
 
+def _pass_dtype(m: LensModel) -> torch.dtype:
+    """The dtype embeddings are fed in: float32 inside an active :func:`lensbench.engine.float32`, else the
+    embedding matrix's own."""
+    return torch.float32 if engine.compute_dtype(m) == torch.float32 else m.embed_module.weight.dtype
+
+
 def _embed(m: LensModel, ids: torch.Tensor) -> torch.Tensor:
-    return m.embed_module(ids.to(m.input_device))
+    """Input embeddings ``[T, d]`` of ``ids`` ``[T]`` in :func:`_pass_dtype` (a scaled embedding is then computed
+    in float32 too, from float32 copies: the user's module is never re-cast)."""
+    mod, x = m.embed_module, ids.to(m.input_device)
+    if _pass_dtype(m) == torch.float32 and mod.weight.dtype != torch.float32:
+        params = {n: t.detach().float() for n, t in list(mod.named_parameters()) + list(mod.named_buffers())
+                  if t.is_floating_point()}
+        return torch.func.functional_call(mod, params, (x,), strict=False)
+    return mod(x)
 
 
-def _forward_embeds(m: LensModel, embeds: torch.Tensor) -> torch.Tensor:
-    """Logits ``[B, T, V]`` for embeddings ``[B, T, d]`` (no attention mask: all rows have equal length)."""
-    return m.model(inputs_embeds=embeds, use_cache=False).logits
-
-
-def _keeps_last_logits(m: LensModel) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
-    try:
-        return "logits_to_keep" in inspect.signature(m.model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _tail_logits(m: LensModel, embeds: torch.Tensor, k: int) -> torch.Tensor:
-    """Logits ``[B, k, V]`` of the last ``k`` positions only (``logits_to_keep=k`` when the model takes it)."""
-    if _keeps_last_logits(m):
-        return m.model(inputs_embeds=embeds, use_cache=False, logits_to_keep=k).logits[:, -k:]
-    return m.model(inputs_embeds=embeds, use_cache=False).logits[:, -k:]
+def _ids_logits(m: LensModel, ids: torch.Tensor, keep: int | None = 1) -> torch.Tensor:
+    """Logits ``[B, keep, V]`` (all positions when None) for token ids ``[B, T]`` of equal length, through the
+    model's backend (``hf``: :func:`lensbench.engine.ids_logits`; nnsight/TransformerLens: their forward)."""
+    if m.backend == "hf":
+        return engine.ids_logits(m, ids, keep=keep)
+    from ..capture import forward_batch
+    out = forward_batch(m, list(ids.cpu()), [], backend=m.backend).logits
+    return out if keep is None else out[:, -keep:]
 
 
 def _last_logits(m: LensModel, embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[B, V]`` at the last position only: the unembedding (and its backward) runs for one position
-    instead of T (``logits_to_keep=1``), which is most of the saving for short prompts of small models."""
-    kw = {"logits_to_keep": 1} if _keeps_last_logits(m) else {}
+    instead of T (``logits_to_keep=1`` where the model takes it)."""
     if ids is not None:
-        return m.model(input_ids=ids.to(m.input_device), use_cache=False, **kw).logits[:, -1]
-    return m.model(inputs_embeds=embeds, use_cache=False, **kw).logits[:, -1]
+        return _ids_logits(m, ids, keep=1)[:, -1]
+    return engine.embeds_logits(m, embeds, keep=1)[:, -1]
+
+
+def _by_rows(m: LensModel, x: torch.Tensor, fn, batch_size: int | str, progress: bool = False,
+             desc: str = "attribute") -> torch.Tensor:
+    """``fn(x[rows])`` over the rows of ``x`` ``[B, ...]`` in batches of ``batch_size`` (``"auto"``: a token budget;
+    halved and retried on out-of-memory, so the rows never depend on where memory ran out), stacked ``[B, ...]``."""
+    out: list = [None] * len(x)
+
+    def step(idx: list[int]) -> None:
+        y = fn(x[idx])
+        for r, i in enumerate(idx):
+            out[i] = y[r]
+    engine.run_batches(m, list(x), step, batch_size=batch_size, progress=progress, desc=desc, longest_first=False)
+    return torch.stack(out)
 
 
 BASELINE_KINDS = ("zero", "mean", "pad", "unk", "bos", "eos", "mean_first", "context_mean_first",
@@ -207,9 +225,10 @@ def baseline_embedding(m: LensModel, ids: torch.Tensor, baseline) -> torch.Tenso
     tiny-norm region a pre-norm model's RMSNorm/LayerNorm blows up).
     """
     W = m.embed_module.weight
+    dt = _pass_dtype(m)  # float32 inside an active upcast: the baseline is not rounded to the model's dtype
     T = len(ids)
     if isinstance(baseline, torch.Tensor):
-        b = baseline.to(W.device, W.dtype)
+        b = baseline.to(W.device, dt)
         return b.expand(T, -1).clone() if b.dim() == 1 else b
     if isinstance(baseline, str) and baseline.endswith("_first") and baseline in BASELINE_KINDS:
         e = _embed(m, ids).detach().float()
@@ -225,11 +244,11 @@ def baseline_embedding(m: LensModel, ids: torch.Tensor, baseline) -> torch.Tenso
         else:
             b = baseline_embedding(m, ids, "pad").float()
         b[0] = e[0]
-        return b.to(W.dtype)
+        return b.to(dt)
     if baseline == "zero":
-        return torch.zeros(T, W.shape[1], device=W.device, dtype=W.dtype)
+        return torch.zeros(T, W.shape[1], device=W.device, dtype=dt)
     if baseline == "mean":
-        return W.float().mean(0).to(W.dtype).expand(T, -1).clone()
+        return W.float().mean(0).to(dt).expand(T, -1).clone()
     tok = m.tokenizer
     if isinstance(baseline, str) and baseline in ("pad", "unk", "bos", "eos"):
         tid = getattr(tok, f"{baseline}_token_id", None)
@@ -252,7 +271,7 @@ def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline
     fvals = torch.empty(n)
     fbase = torch.full((n,), float("nan"))
     comp = torch.full((n,), float("nan"))
-    wdt = m.embed_module.weight.dtype
+    wdt = _pass_dtype(m)
     if method == "integrated_gradients":
         x, w = np.polynomial.legendre.leggauss(n_steps)
         alphas = torch.tensor(0.5 * (x + 1), dtype=torch.float32, device=e.device)
@@ -279,13 +298,17 @@ def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline
         ek = e[:P]
         bases.append(bk.detach().cpu())
         total = torch.zeros_like(ek)
-        for s in range(0, n_steps, internal_batch_size):
-            a = alphas[s: s + internal_batch_size]
+
+        def step(idx: list[int], ek=ek, bk=bk, yk=yk, foil_t=foil_t, total=total) -> None:
+            a = alphas[idx]
             path = (bk[None] + a[:, None, None] * (ek - bk)[None]).requires_grad_(True)
             logits = _last_logits(m, path.to(wdt))
             F = _objective(logits, yk.expand(len(a)), None if foil_t is None else foil_t.expand(len(a)), objective)
             (g,) = torch.autograd.grad(F.sum(), path)
-            total += (weights[s: s + len(a), None, None] * g).sum(0)
+            for r, i in enumerate(idx):  # node by node, in node order: the sum never depends on the batching
+                total.add_(g[r], alpha=float(weights[i]))
+        engine.run_batches(m, [ek] * n_steps, step, batch_size=internal_batch_size, progress=False,
+                           longest_first=False)
         attr = ((ek - bk) * total).sum(-1).detach()
         with torch.no_grad():
             ends = torch.stack([ek, bk]).to(wdt)
@@ -298,7 +321,9 @@ def _grad_methods(m, ids, targets, method, *, foil, objective, n_steps, baseline
     return scores, fvals, comp, bases, fbase
 
 
-def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size):
+def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size, progress=False):
+    """F(x) − F(x with source i replaced by the baseline, or deleted) for every source; one row per source, batched
+    (``batch_size`` rows per forward, halved on out-of-memory). Returns (scores, f)."""
     T_all = len(ids)
     if baseline == "remove" and min(p for p, _ in targets) < 2:
         raise InputError("occlusion with baseline='remove' needs at least 2 tokens before each target "
@@ -309,40 +334,41 @@ def _occlusion(m, ids, targets, *, foil, objective, baseline, batch_size):
     ys = torch.tensor([y for _, y in targets], device=e.device)
     fo = None if foil is None else torch.full_like(ys, foil)
     tail = int(last - pos_t.min())            # only the positions that predict a target are unembedded
-    with torch.no_grad():
-        full = _tail_logits(m, e[None, :last], tail)[0]
-        f0 = _objective(full[pos_t - (last - tail)], ys, fo, objective)
-        base = None if baseline == "remove" else baseline_embedding(m, ids, baseline)[:last]
-        scores = torch.full((len(targets), T_all - 1), float("nan"))
-        for s in range(0, last, batch_size):
-            idx = list(range(s, min(last, s + batch_size)))
-            if baseline == "remove":
-                outs = []
-                for i in idx:  # deleting shifts positions: one shorter row each; every predicting position at or
-                    # after i (including i itself: the token before it now predicts) moves back by one
-                    keep = torch.cat([e[:i], e[i + 1: last]])
-                    lg = _forward_embeds(m, keep[None])[0]
-                    pt = torch.where(pos_t >= i, pos_t - 1, pos_t).clamp_min(0)
-                    outs.append(_objective(lg[pt], ys, fo, objective))
-                fv = torch.stack(outs)
-            else:
-                batch = e[None, :last].repeat(len(idx), 1, 1)
-                for r, i in enumerate(idx):
-                    batch[r, i] = base[i]
-                lg = _tail_logits(m, batch, tail)                  # [b, tail, V]
-                fv = torch.stack([_objective(lg[r, pos_t - (last - tail)], ys, fo, objective)
-                                  for r in range(len(idx))])
+    remove = baseline == "remove"
+    fv = torch.empty(last, len(targets))      # F with source i occluded, per target
+
+    def step(idx: list[int]) -> None:
+        if remove:  # deleting shifts positions: every predicting position at or after i (including i itself: the
+            # token before it now predicts) moves back by one; rows are last − 1 long, the last `tail` unembedded
+            batch = torch.stack([torch.cat([e[:i], e[i + 1: last]]) for i in idx])
+            lg = engine.embeds_logits(m, batch, keep=tail)                 # [b, tail, V]
+            off = last - 1 - tail
+            rows = [_objective(lg[r, torch.where(pos_t >= i, pos_t - 1, pos_t) - off], ys, fo, objective)
+                    for r, i in enumerate(idx)]
+        else:
+            batch = e[None, :last].repeat(len(idx), 1, 1)
             for r, i in enumerate(idx):
-                delta = (f0 - fv[r]).float().cpu()
-                for k, (p, _) in enumerate(targets):
-                    if i < p:
-                        scores[k, i] = delta[k]
+                batch[r, i] = base[i]
+            lg = engine.embeds_logits(m, batch, keep=tail)                 # [b, tail, V]
+            rows = [_objective(lg[r, pos_t - (last - tail)], ys, fo, objective) for r in range(len(idx))]
+        fv[idx] = torch.stack(rows).float().cpu()
+
+    with torch.no_grad():
+        full = engine.embeds_logits(m, e[None, :last], keep=tail)[0]
+        f0 = _objective(full[pos_t - (last - tail)], ys, fo, objective)
+        base = None if remove else baseline_embedding(m, ids, baseline)[:last]
+        engine.run_batches(m, [range(last - int(remove))] * last, step, batch_size=batch_size, progress=progress,
+                           desc="occlusion", longest_first=False)
+    scores = torch.full((len(targets), T_all - 1), float("nan"))
+    delta = f0.float().cpu()[None] - fv                                    # [last, n_targets]
+    for k, (p, _) in enumerate(targets):
+        scores[k, :p] = delta[:p, k]
     return scores, f0.float().cpu()
 
 
 def _attention_maps(m, ids, last, per_head: bool = False):
     with torch.no_grad(), eager_attention(m):
-        out = m.model(input_ids=ids[None, :last].to(m.input_device), output_attentions=True, use_cache=False)
+        out = engine.forward_outputs(m, ids[None, :last], output_attentions=True)
     att = [a[0].float() if per_head else a[0].float().mean(0) for a in out.attentions]  # L × [(H,) T, T]
     if not att:
         raise InputError(f"{m.name} returned no attention weights.")
@@ -432,7 +458,7 @@ def _value_norm(m, ids, targets, *, foil, objective):
 
 
 def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed,
-             mlm, progress, on_unconverged="flag"):
+             mlm, progress, on_unconverged="flag", batch_size="auto"):
     """ReAGent (Zhao & Shan 2024): recursive random replacement with parallel probes.
 
     Its updates are defined on p(y) (the paper's); ``objective`` only changes the reported ``f_value``. A target
@@ -447,7 +473,7 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
     for k, (P, y) in enumerate(targets):
         x = ids[:P].to(dev)
         with torch.no_grad():
-            logits0 = m.model(input_ids=x[None], use_cache=False).logits[0].float()
+            logits0 = _ids_logits(m, x[None], keep=None)[0].float()
         p_y = torch.softmax(logits0[-1], -1)[y]
         fvals[k] = float(_objective(logits0[-1:], torch.tensor([y], device=logits0.device),
                                     None if foil is None else torch.tensor([foil], device=logits0.device), objective))
@@ -464,7 +490,7 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
             mask = torch.rand(len(a), P, generator=g) < ratio
             xt = _replace(x, mask, replacement, V, g, pred if replacement == "predictive" else None, mlm)
             with torch.no_grad():
-                py = torch.softmax(_last_logits(m, ids=xt).float(), -1)[:, y]
+                py = torch.softmax(_by_rows(m, xt, lambda r: _last_logits(m, ids=r), batch_size).float(), -1)[:, y]
             delta = (p_y - py).cpu().clamp(-0.999999, 0.999999)
             upd = 2 * torch.atanh(delta)[:, None]
             logit_scores[a] += torch.where(mask, upd, -upd)
@@ -475,7 +501,7 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
             keep.scatter_(1, s.topk(n_keep, -1).indices, True)
             xr = _replace(x, ~keep, replacement, V, g, pred if replacement == "predictive" else None, mlm)
             with torch.no_grad():
-                top = _last_logits(m, ids=xr).topk(top_k, -1).indices.cpu()
+                top = _by_rows(m, xr, lambda r: _last_logits(m, ids=r), batch_size).topk(top_k, -1).indices.cpu()
             done = (top == y).any(-1)
             converged[a[done]] = True
             active[a[done]] = False
@@ -494,6 +520,21 @@ def _reagent(m, ids, targets, *, foil, objective, replacement, ratio, top_k, kee
 
 
 # --------------------------------------------------------------------------------------------- public API
+def _backend_greedy(m: LensModel, ids: torch.Tensor, n: int) -> list[int]:
+    """Greedy continuation (up to ``n`` tokens, the end-of-sequence token kept) of ``ids`` ``[T]`` through a non-hf
+    backend: one full forward per token (no cache), as :func:`lensbench.engine.greedy` decodes on the hf one."""
+    from ..engine.generate import _eos_ids
+    eos = _eos_ids(m)[1]
+    seq, gen = ids.clone(), []
+    for _ in range(n):
+        y = int(_last_logits(m, ids=seq[None])[0].argmax())
+        gen.append(y)
+        seq = torch.cat([seq, torch.tensor([y])])
+        if y in eos:
+            break
+    return gen
+
+
 def _resolve_targets(m: LensModel, text: str, target, generate: int, add_bos):
     ids = m.encode(text, add_bos=add_bos)
     if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
@@ -502,11 +543,9 @@ def _resolve_targets(m: LensModel, text: str, target, generate: int, add_bos):
         if target is not None:
             raise InputError("pass either target= or generate=N, not both.")
         with torch.no_grad():
-            out = m.model.generate(ids[None].to(m.input_device), max_new_tokens=generate, do_sample=False,
-                                   pad_token_id=m.tokenizer.pad_token_id, attention_mask=torch.ones_like(ids)[None]
-                                   .to(m.input_device))
-        full = out[0].cpu()
-        gen = full[len(ids):]
+            gen = torch.tensor(engine.greedy(m, ids, generate, strip=False) if m.backend == "hf"
+                               else _backend_greedy(m, ids, generate), dtype=torch.long)
+        full = torch.cat([ids, gen])
         if len(gen) == 0:
             raise InputError("the model generated nothing (it ended immediately); attribute the next token instead.")
         targets = [(len(ids) + j, int(gen[j])) for j in range(len(gen))]
@@ -521,7 +560,7 @@ def _resolve_targets(m: LensModel, text: str, target, generate: int, add_bos):
 
 def attribute(m: LensModel, text: str, *, target: str | int | None = None, method: str = "integrated_gradients",
               contrast: str | int | None = None, generate: int = 0, objective: str = "logprob",
-              n_steps: int = 50, baseline=None, internal_batch_size: int = 16, batch_size: int = 16,
+              n_steps: int = 50, baseline=None, internal_batch_size: int | str = 16, batch_size: int | str = "auto",
               replacement: str = "uniform", ratio: float = 0.3, top_k: int = 3, keep_top_n: int = 5,
               max_steps: int = 3000, n_probes: int = 16, seed: int = 0, mlm=None, upcast: bool = True,
               add_bos: bool | None = None, progress: bool = True,
@@ -556,11 +595,20 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
             ``completeness`` and ``relative_gap``, and warns (:class:`CompletenessWarning`) when
             |gap| > 5% of |F(x) − F(x')|. Models with hard top-k expert routing (MoE) are discontinuous in the
             embeddings: no baseline gives completeness there, and the warning says so.
-        internal_batch_size: IG steps per forward/backward batch; batch_size: occlusion variants per forward.
+        internal_batch_size: IG nodes per forward/backward batch (16, as Captum; ``"auto"``: a token budget);
+            batch_size: occlusion variants / ReAGent probes per forward (``"auto"``: a token budget). Both halve
+            on out-of-memory and retry, with identical results.
         replacement, ratio, top_k, keep_top_n, max_steps, n_probes, seed, mlm: ReAGent settings —
             replacement ``"uniform"`` (vocabulary samples), ``"predictive"`` (the model's own next-token
             distribution) or ``"mlm"`` with ``mlm(ids [B,T], mask [B,T]) -> ids [B,T]``.
-        upcast: run gradient methods with the model temporarily in float32.
+        upcast: run gradient methods in float32 (through float32 copies of the weights; the model itself is never
+            re-cast). ``settings["upcast"]`` records whether it was active (False for a float32 model, for
+            offloaded weights and for the other methods).
+        progress: a progress bar.
+
+    Backends: gradient methods, occlusion (both run from edited input embeddings) and the attention methods
+    (attention weights of the eager kernel) need the ``"hf"`` backend and raise a clear :class:`InputError`
+    otherwise; ReAGent runs from token ids through the model's backend (nnsight, TransformerLens).
     """
     if method not in METHODS:
         raise InputError(f"method={method!r} is unknown; choose one of {METHODS}.")
@@ -568,8 +616,11 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
         raise InputError("objective must be 'logprob', 'logit' or 'prob'.")
     for name, v in (("n_steps", n_steps), ("internal_batch_size", internal_batch_size), ("batch_size", batch_size),
                     ("top_k", top_k), ("keep_top_n", keep_top_n), ("max_steps", max_steps), ("n_probes", n_probes)):
+        if name.endswith("batch_size") and v == "auto":
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"{name} must be a positive int, got {v!r}.")
+            extra = " or 'auto'" if name.endswith("batch_size") else ""
+            raise InputError(f"{name} must be a positive int{extra}, got {v!r}.")
     if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
         raise InputError(f"generate must be an int >= 0 (tokens to generate and attribute), got {generate!r}.")
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
@@ -585,6 +636,13 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
     if method == "reagent" and objective == "logit":
         raise InputError("ReAGent does not support objective='logit': its update 2·atanh(Δp) needs a probability "
                          "difference; use 'logprob' or 'prob' (both run on p(target); objective sets f_value only).")
+    if method in GRADIENT_METHODS:
+        _require_hf(m, f"attribute(method={method!r})", "takes gradients through the input embeddings")
+    elif method == "occlusion":
+        _require_hf(m, f"attribute(method={method!r})", "runs the model from edited input embeddings")
+    elif method != "reagent":
+        _require_hf(m, f"attribute(method={method!r})",
+                    "reads the eager kernel's attention weights from the model's own forward")
     full, targets = _resolve_targets(m, text, target, generate, add_bos)
     foil = None if contrast is None else m.token_id(contrast, param="contrast")
     if foil is not None and any(y == foil for _, y in targets):
@@ -596,14 +654,15 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
     bar = tqdm(total=1, desc=f"attribute ({method})", disable=not progress, leave=False)
     if method in GRADIENT_METHODS or method == "occlusion":  # both run the model from (edited) embeddings
         m.require_embeds_forward(f"attribute(method={method!r})")
+    upcast_active = False
     if method in GRADIENT_METHODS:
-        with float32_model(m, upcast), torch.enable_grad():
+        with engine.float32(m, upcast) as upcast_active, torch.enable_grad():
             scores, f, comp, bases, fbase = _grad_methods(m, full, targets, method, foil=foil, objective=objective,
-                                            n_steps=n_steps, baseline=baseline,
-                                            internal_batch_size=internal_batch_size)
+                                                          n_steps=n_steps, baseline=baseline,
+                                                          internal_batch_size=internal_batch_size)
     elif method == "occlusion":
         scores, f = _occlusion(m, full, targets, foil=foil, objective=objective, baseline=baseline,
-                               batch_size=batch_size)
+                               batch_size=batch_size, progress=progress)
     elif method in ("attention", "rollout"):
         scores, f = _attention_methods(m, full, targets, method, foil=foil, objective=objective)
     elif method == "value_norm":
@@ -612,7 +671,7 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
         scores, f, extra = _reagent(m, full, targets, foil=foil, objective=objective, replacement=replacement,
                                     ratio=ratio, top_k=top_k, keep_top_n=keep_top_n, max_steps=max_steps,
                                     n_probes=n_probes, seed=seed, mlm=mlm, progress=progress,
-                                    on_unconverged=on_unconverged)
+                                    on_unconverged=on_unconverged, batch_size=batch_size)
     bar.update(1)
     bar.close()
     valid = [scores[k, :p] for k, (p, _) in enumerate(targets)]  # later sources are NaN by design (generation)
@@ -624,7 +683,7 @@ def attribute(m: LensModel, text: str, *, target: str | int | None = None, metho
     uses_baseline = method in ("integrated_gradients", "occlusion")
     kind = ("" if not uses_baseline else "tensor" if isinstance(baseline, torch.Tensor)
             else f"token:{baseline}" if isinstance(baseline, int) else str(baseline))
-    settings = {"n_steps": n_steps, "baseline": kind, "generate": generate}
+    settings = {"n_steps": n_steps, "baseline": kind, "generate": generate, "upcast": bool(upcast_active)}
     if method == "reagent":
         settings.update(replacement=replacement, ratio=ratio, top_k=top_k, keep_top_n=keep_top_n,
                         max_steps=max_steps, n_probes=n_probes, seed=seed, steps=extra.get("steps"),
@@ -653,17 +712,17 @@ def _hellinger(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1))
 
 
-def _masked_distance(m, ek, p_full, prob_keep, n_samples, g) -> torch.Tensor:
+def _masked_distance(m, ek, p_full, prob_keep, n_samples, g, batch_size: int | str = "auto") -> torch.Tensor:
     """Mean Hellinger distance to ``p_full`` with embeddings kept with probability ``prob_keep`` ``[P]`` (or one row
-    per sample, ``[n_samples, P]``)."""
+    per sample, ``[n_samples, P]``); the masked rows run ``batch_size`` per forward."""
     pk = prob_keep[None] if prob_keep.dim() == 1 else prob_keep
     mask = (torch.rand(n_samples, ek.shape[0], generator=g) < pk).to(ek.dtype).to(ek.device)
-    lg = _last_logits(m, ek[None] * mask[..., None]).float()
+    lg = _by_rows(m, ek[None] * mask[..., None], lambda x: _last_logits(m, x), batch_size).float()
     return _hellinger(p_full[None], torch.softmax(lg, -1)).mean()
 
 
 def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20, seed: int = 0,
-                 max_k: int | None = None, random: str = "permute") -> dict:
+                 max_k: int | None = None, random: str = "permute", batch_size: int | str = "auto") -> dict:
     """Soft sufficiency / comprehensiveness (Zhao & Aletras 2023) and hard top-k deletion curves.
 
     Embeddings are multiplied by Bernoulli keep-masks with keep probability s_i (sufficiency) or 1 − s_i
@@ -675,10 +734,13 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
     as many tokens in expectation
     (Σ keep probabilities equal, reported as ``kept``/``kept_random``) and differs only in *which* tokens;
     ``random="uniform"`` (the old control: U(0, 1) scores, about half the tokens kept) stays available.
-    Deletion: F after zeroing the top-k tokens.
+    Deletion: F after zeroing the top-k tokens. Masked and deleted variants run ``batch_size`` per forward
+    (``"auto"``: a token budget, halved on out-of-memory with identical results); the model runs from edited
+    input embeddings, so this needs the ``"hf"`` backend.
 
     Returns a dict with per-target arrays and their means.
     """
+    _require_hf(m, "faithfulness", "runs the model from masked input embeddings")
     g = torch.Generator().manual_seed(seed)
     ids = result.input_ids
     e = _embed(m, ids).detach()
@@ -704,7 +766,7 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
             out["kept_random"].append(float(rnd.sum(-1).mean()))
             for key, keep in (("sufficiency", s), ("comprehensiveness", 1 - s), ("sufficiency_random", rnd),
                               ("comprehensiveness_random", 1 - rnd)):
-                d = _masked_distance(m, ek, p_full, keep, n_samples, g) / d_null
+                d = _masked_distance(m, ek, p_full, keep, n_samples, g, batch_size=batch_size) / d_null
                 out[key].append(float(1 - d if key.startswith("sufficiency") else d))
             order = s.argsort(descending=True)
             K = min(P, max_k or P)
@@ -712,7 +774,7 @@ def faithfulness(m: LensModel, result: AttributionResult, *, n_samples: int = 20
             for j in range(1, K + 1):
                 batch[j, order[:j]] = 0
             y = torch.full((K + 1,), int(result.target_ids[k]), device=ek.device)
-            f = _objective(_last_logits(m, batch), y, None, "logprob")
+            f = _objective(_by_rows(m, batch, lambda x: _last_logits(m, x), batch_size), y, None, "logprob")
             curves.append(f.float().cpu().numpy())
     res = {k: np.array(v) for k, v in out.items()}
     for k in list(res):
