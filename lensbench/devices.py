@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .errors import InputError
@@ -56,3 +58,57 @@ def empty_cache(device: torch.device) -> None:
 def tolerance(dtype: torch.dtype) -> float:
     """Absolute tolerance on log-probs for identities that should hold up to rounding in ``dtype``."""
     return {torch.float32: 1e-4, torch.float64: 1e-8}.get(dtype, 0.15)
+
+
+def _hook_device(hook) -> torch.device | None:
+    """The execution device of an accelerate hook (``AlignDevicesHook``, ``CpuOffload``, a ``SequentialHook`` of them)."""
+    if hook is None:
+        return None
+    for h in getattr(hook, "hooks", None) or (hook,):
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return None
+
+
+def module_device(mod: torch.nn.Module) -> torch.device:
+    """The device ``mod`` computes on.
+
+    For a module dispatched by accelerate (``device_map``, ``dispatch_model``, ``cpu_offload``, ``disk_offload``) its
+    weights may sit on the ``meta`` device or on the CPU between calls; the device it runs on is its hook's
+    ``execution_device`` (the module's own hook, else the first hooked submodule's). Otherwise the device of its
+    first parameter or buffer that holds data; CPU for a module without any.
+    """
+    for sub in mod.modules():
+        dev = _hook_device(getattr(sub, "_hf_hook", None))
+        if dev is not None:
+            return dev
+        for t in itertools.chain(sub.parameters(recurse=False), sub.buffers(recurse=False)):
+            if t.device.type != "meta":
+                return t.device
+    return torch.device("cpu")
+
+
+def is_dispatched(model: torch.nn.Module) -> bool:
+    """True when accelerate hooks place (and maybe offload) any of ``model``'s modules."""
+    return any(getattr(sub, "_hf_hook", None) is not None for sub in model.modules())
+
+
+def offloaded_tensor(model: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The value of parameter/buffer ``name`` of ``model`` whose tensor accelerate offloaded (it sits on ``meta``;
+    the hook of its module keeps a ``weights_map`` in CPU memory or on disk); None where no hook holds it.
+    Loads that one tensor (on the CPU)."""
+    owner, _, local = name.rpartition(".")
+    try:
+        mod = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return None
+    hook = getattr(mod, "_hf_hook", None)
+    for h in (getattr(hook, "hooks", None) or (hook,)) if hook is not None else ():
+        wm = getattr(h, "weights_map", None)
+        if wm is not None:
+            try:
+                return wm[local]
+            except KeyError:
+                continue
+    return None

@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .devices import is_oom, resolve_device, resolve_dtype, tolerance
+from .devices import (
+    is_dispatched,
+    is_oom,
+    module_device,
+    offloaded_tensor,
+    resolve_device,
+    resolve_dtype,
+    tolerance,
+)
 from .errors import AnatomyError, InputError, LensbenchError, ModelLoadError, ModelRunError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -432,15 +440,24 @@ class LensModel:
 
     @property
     def device(self) -> torch.device:
-        return self.unembed_module.weight.device
+        """Where the unembedding runs (its accelerate execution device when the model is dispatched/offloaded):
+        where :meth:`unembed` and the lens reductions compute. Other blocks may live elsewhere."""
+        return module_device(self.unembed_module)
 
     @property
     def input_device(self) -> torch.device:
-        return self.embed_module.weight.device
+        """Where the input embedding runs: token ids and input embeddings go there."""
+        return module_device(self.embed_module)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The unembedding's weight dtype (kept by accelerate on offloaded ``meta`` weights)."""
         return self.unembed_module.weight.dtype
+
+    @property
+    def dispatched(self) -> bool:
+        """True when accelerate hooks place the model's modules (``device_map``, CPU or disk offload)."""
+        return is_dispatched(self.model)
 
     @property
     def max_length(self) -> int:
@@ -511,7 +528,7 @@ class LensModel:
     def apply_final(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the final norm (and any other module between the last block and the unembedding)."""
         for mod in self.final_modules:
-            hidden = _first_tensor(mod(hidden))
+            hidden = _first_tensor(mod(hidden.to(module_device(mod))))
         return hidden
 
     def unembed(self, hidden: torch.Tensor, apply_final_norm: bool = True) -> torch.Tensor:
@@ -519,11 +536,10 @@ class LensModel:
 
         Runs in the model's dtype on the unembedding's device (exactly the model's own ops), returns float32.
         """
-        w = self.unembed_module.weight
-        h = hidden.to(device=w.device, dtype=w.dtype)
+        h = hidden.to(dtype=self.dtype)
         if apply_final_norm:
             h = self.apply_final(h)
-        logits = self.unembed_module(h)  # post-transforms in the model's dtype, exactly as the model does them
+        logits = self.unembed_module(h.to(self.device))  # post-transforms in the model's dtype, exactly as the model does them
         if self.anatomy.logit_scale is not None:
             logits = logits * self.anatomy.logit_scale
         if self.anatomy.logit_divisor is not None:
@@ -876,8 +892,10 @@ def model_fingerprint(model: nn.Module, *, n_samples: int = 1024) -> str:
     dtype, ``n_samples`` evenly spaced values and the tensor's float64 sum (rounded to 10 significant digits,
     so a CPU and a GPU copy agree). Any retraining, fine-tuning, merge or re-quantisation changes it; loading
     the same weights from another path or under another name does not. Cost: one pass over the weights'
-    memory (a 70B model on GPUs: well under a second); weights offloaded to disk/meta contribute name, shape
-    and dtype only.
+    memory (a 70B model on GPUs: well under a second); weights accelerate offloaded to the CPU or disk are read
+    from its weights map one tensor at a time (as one forward pass reads them), so an offloaded model has the
+    fingerprint of the same model unsplit; weights on ``meta`` that no hook holds contribute name, shape and
+    dtype only.
     """
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
@@ -893,7 +911,11 @@ def model_fingerprint(model: nn.Module, *, n_samples: int = 1024) -> str:
     with torch.no_grad():
         for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            if t.device.type == "meta" or t.numel() == 0:
+            if t.device.type == "meta":  # offloaded by accelerate: read it from its hook's weights map
+                t = offloaded_tensor(model, name)
+                if t is None:
+                    continue
+            if t.numel() == 0:
                 continue
             flat = t.detach().reshape(-1)
             k = min(n_samples, flat.numel())
@@ -995,7 +1017,11 @@ def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``; default: the best available.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype; default: float32 on CPU,
             the checkpoint's dtype elsewhere.
-        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard across GPUs); overrides ``device``.
+        device_map: passed to ``from_pretrained``: ``"auto"`` (spread over the GPUs, then CPU, then disk), an explicit
+            ``{module path: device | "cpu" | "disk"}`` dict; overrides ``device``. With it pass ``max_memory``
+            (``{0: "10GiB", "cpu": "30GiB"}``) and ``offload_folder`` for disk offload (keyword arguments go to
+            ``from_pretrained``). An already-dispatched model (accelerate ``dispatch_model``, ``cpu_offload``,
+            ``disk_offload``) is accepted as is. Every probe gives the numbers of the unsplit model.
         trust_remote_code: run model code shipped with a checkpoint. Off by default.
         allow_pickle: accept ``.bin``/pickle weights. Off by default (safetensors only): pickle can run code.
         validate: run the load-time anatomy checks (keep on unless you know the model).
@@ -1009,8 +1035,9 @@ def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = default_model_dir()
         dev = resolve_device(device)
+        extra = dict(from_pretrained_kw, **({"device_map": device_map} if device_map is not None else {}))
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, use_safetensors=True,
-                                                  local_files_only=True)
+                                                  local_files_only=True, **extra)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if device_map is None:
             hf = hf.to(dev)
@@ -1045,6 +1072,9 @@ def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device
 def _maybe_cast(model, device, dtype):
     if model is None:
         raise ModelLoadError("could not find the underlying transformers model")
+    if (device is not None or dtype is not None) and is_dispatched(model):
+        raise InputError("this model is dispatched by accelerate (device_map / offload), so lensbench does not move "
+                         "or cast it; drop device= and dtype=, or load it with the dtype you want.")
     if device is not None:
         model.to(resolve_device(device))
     if dtype is not None:

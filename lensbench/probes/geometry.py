@@ -69,9 +69,8 @@ def final_norm(m: LensModel, X: torch.Tensor) -> torch.Tensor:
     """``final_norm(X)``: the model's own final norm (every module between the last block and the
     unembedding), in the model's dtype on its device, returned on ``X``'s device — HF ``hidden_states[-1]``
     for the last block's output X (``[..., d_model]``)."""
-    w = m.unembed_module.weight
     with torch.no_grad():
-        return m.apply_final(X.to(device=w.device, dtype=w.dtype)).to(X.device)
+        return m.apply_final(X.to(dtype=m.dtype)).to(X.device)
 
 
 def _layer_view(m: LensModel, X: torch.Tensor, layer: int, last_layer: str) -> torch.Tensor:

@@ -889,8 +889,9 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
                 return (s + 1) / (warmup_steps + 1)
             return max(0.0, (steps - s) / max(1, steps - warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        frozen = [(p, p.requires_grad) for p in m.model.parameters()]
-        for p, _ in frozen:
+        # by name: accelerate swaps an offloaded module's parameter objects at every forward
+        frozen = {n: p.requires_grad for n, p in m.model.named_parameters()}
+        for p in m.model.parameters():
             p.requires_grad_(False)
         bar = tqdm(range(steps), desc="tuned lens", disable=not progress, leave=False)
         B = min(tokens_per_step, N)
@@ -924,8 +925,8 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
                     W, b = Wp.detach().cpu(), bp.detach().cpu()
                     evaluate(step + 1)
         finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
+            for n, p in m.model.named_parameters():
+                p.requires_grad_(frozen.get(n, p.requires_grad))
         W, b = Wp.detach().cpu(), bp.detach().cpu()
     settings = {"steps": steps, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                 "tokens_per_step": tokens_per_step, "optimizer": optimizer, "init": init, "warmup_steps": warmup_steps,

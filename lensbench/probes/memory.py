@@ -43,6 +43,7 @@ from torch import nn
 
 from .. import stats
 from ..capture import Capture
+from ..devices import offloaded_tensor
 from ..errors import InputError
 from ..model import LensModel
 from ..results import Result
@@ -323,7 +324,12 @@ def contextual_memory(m: LensModel, texts, *, layers=None, window: int = 16, ste
         seq = cap.input_ids(i)
         ids.append(seq)
         skip.append(1 if exclude_bos and bos is not None and len(seq) and int(seq[0]) == bos else 0)
-    emb = m.model.get_input_embeddings().weight
+    emb = m.embed_module.weight
+    if emb.device.type == "meta":  # offloaded by accelerate (device_map / disk offload): its hook holds the values
+        emb = offloaded_tensor(m.model, f"{m.anatomy.embed}.weight")
+        if emb is None:
+            raise InputError(f"the input embedding of {m.name} is on the meta device and no accelerate hook holds its "
+                             "weights; load the model with its weights (device_map / offload_folder).")
     out = fit_contextual_memory(feats, ids, emb, window=window, steps=steps, lr=lr, batch=batch, hidden=hidden,
                                 folds=folds, seed=seed, skip_first=skip, progress=progress)
     toks_all = [cap.tokens(i) for i in range(len(cap))]
