@@ -550,6 +550,30 @@ class LensModel:
         logits = logits.float()
         return logits
 
+    @contextlib.contextmanager
+    def resident(self, modules: Sequence[nn.Module] | None = None):
+        """Within the block, the weights accelerate offloads (to the CPU or disk) of ``modules`` (default: the final
+        modules and the unembedding, which a lens reads out many times per forward) stay loaded on their execution
+        device instead of being read back at every call; they are offloaded again on exit. A no-op for modules
+        that are not offloaded. Costs those modules' weights in memory for the block's duration."""
+        mods = list(modules) if modules is not None else [*self.final_modules, self.unembed_module]
+        held = []
+        try:
+            for top in mods:
+                for sub in top.modules():
+                    hook = getattr(sub, "_hf_hook", None)
+                    for h in (getattr(hook, "hooks", None) or (hook,)) if hook is not None else ():
+                        if getattr(h, "offload", False) and hasattr(h, "_onload_weights") and hasattr(
+                                h, "_offload_weights"):
+                            h._onload_weights(sub)
+                            h.offload = False
+                            held.append((h, sub))
+            yield
+        finally:
+            for h, sub in reversed(held):
+                h.offload = True
+                h._offload_weights(sub)
+
     # ---- forward with hooks
     @contextlib.contextmanager
     def hooks(self, layers: Sequence[int] | None = None, store: dict | None = None):

@@ -191,3 +191,28 @@ def test_dispatched_model_is_not_moved(tmp_path):
     hf = disk_offload(hf, str(tmp_path), execution_device="cpu")
     with pytest.raises(lb.InputError, match="dispatched by accelerate"):
         lb.load(hf, tok, device="cpu")
+
+
+def test_resident_readout_loads_once(split):
+    """Inside ``m.resident()`` the offloaded unembedding is read from disk once, not at every readout."""
+    hook = split.model.lm_head._hf_hook
+    wm, reads = hook.weights_map, []
+
+    class Counting(dict):
+        def __getitem__(self, k):
+            reads.append(k)
+            return wm[k]
+    hook.weights_map = Counting()
+    try:
+        h = torch.randn(3, split.d_model)
+        split.unembed(h)
+        split.unembed(h)
+        assert len(reads) == 2
+        with split.resident():
+            assert split.model.lm_head.weight.device.type == "cpu"
+            a = split.unembed(h)
+            b = split.unembed(h)
+        assert len(reads) == 3 and torch.equal(a, b)
+        assert split.model.lm_head.weight.device.type == "meta"      # offloaded again
+    finally:
+        hook.weights_map = wm

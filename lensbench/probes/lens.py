@@ -7,7 +7,9 @@ float32 from log-softmax, per chunk of positions on the model's device, so memor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,17 @@ from ..capture import CaptureBatch, capture, tokenize, windows
 from ..errors import InputError, LensbenchError
 from ..model import LensModel
 from ..results import Result, load_tensors, save_tensors
+
+
+def _readout_resident(fn):
+    """Run ``fn(m, ...)`` with the final norm and unembedding of ``m`` kept loaded (:meth:`LensModel.resident`):
+    a lens reads them out once per layer and chunk, which with CPU/disk offload would reload them every time."""
+    @functools.wraps(fn)
+    def wrapper(m, *args, **kw):
+        ctx = m.resident() if isinstance(m, LensModel) else contextlib.nullcontext()
+        with ctx:
+            return fn(m, *args, **kw)
+    return wrapper
 
 STATS = ("entropy", "kl_to_final", "ce_next", "top1_confidence", "target_prob", "target_rank")
 STAT_LABELS = {
@@ -437,6 +450,7 @@ class LensResult(Result):
 
 
 # --------------------------------------------------------------------------------------------- public API
+@_readout_resident
 def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, target: str | int | None = None,
                layers: Sequence[int] | int | None = None, lens: TunedLens | None = None,
                apply_final_norm: bool = True, batch_size: int | str = "auto", add_bos: bool | None = None,
@@ -637,6 +651,7 @@ def _lens_hash(lens: TunedLens | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+@_readout_resident
 def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9),
                batch_size: int | str = "auto", max_tokens_per_text: int | None = 512, cache_dir: str | None = None,
                progress: bool = True, chunk_bytes: int = 8 * 2**20, histogram: bool = False) -> LensSweepResult:
@@ -775,6 +790,7 @@ def _kl_per_layer(m: LensModel, H: torch.Tensor, W: torch.Tensor, b: torch.Tenso
     return (out / N).float()
 
 
+@_readout_resident
 def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, momentum: float = 0.9,
                      weight_decay: float = 1e-3, tokens_per_step: int = 64, max_tokens: int = 4096,
                      init: str = "identity", optimizer: str = "sgd", warmup_steps: int = 0, clip_grad: float = 1.0,
