@@ -134,14 +134,18 @@ class PrefixCache:
                 common += 1
         if common == len(ids):  # at least one new token is needed to get logits at the end
             common -= 1
-        if self.kv.cache is not None and common > 0:
-            try:
-                self.kv.crop(common)
-            except CropUnsupported:
-                self.kv, common = KVCache(self.m), 0
-        else:
-            self.kv, common = KVCache(self.m) if self.kv.cache is not None else self.kv, 0
-        self.logits = self.kv.extend([ids[common:]], logits=True)[0]
+        try:
+            if self.kv.cache is not None and common > 0:
+                try:
+                    self.kv.crop(common)
+                except CropUnsupported:
+                    self.kv, common = KVCache(self.m), 0
+            else:
+                self.kv, common = KVCache(self.m) if self.kv.cache is not None else self.kv, 0
+            self.logits = self.kv.extend([ids[common:]], logits=True)[0]
+        except BaseException:  # an OOM (or cancel) part-way leaves layers of unequal length: start afresh
+            self.kv, self.ids, self.logits = KVCache(self.m), [], None
+            raise
         self.ids = ids
         return self.logits
 
