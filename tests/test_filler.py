@@ -524,3 +524,72 @@ def test_sweep_on_a_recurrent_model_scores_from_scratch(tiny):
         a = lb.filler_sweep(m, items, **kw)
     b = lb.filler_sweep(m, items, reuse_cache=False, **kw)
     assert a.settings["reuse_cache"] is False and torch.equal(a.logprob, b.logprob)
+
+
+# --------------------------------------------------------------------------------------------- engine
+def _with_oom(m, k, fn):
+    """``fn()`` with a real ``torch.OutOfMemoryError`` raised by a forward pre-hook on the ``k``-th model call."""
+    from test_engine import OOMOnce
+    hook = OOMOnce(m.model, k=k)
+    try:
+        out = fn()
+    finally:
+        hook.remove()
+    assert hook.fired and hook.calls > k   # the failed batch was retried as smaller batches
+    return out
+
+
+def test_ablation_and_sweep_identical_under_oom_and_any_batch_size(tiny32):
+    m = tiny32
+    assert m.capabilities["prefix_cache"]   # measured once, before the hook counts forwards
+    items = lb.tasks.arithmetic(3, seed=0)
+    akw = dict(classes=("punctuation", "articles"), continuation_words=6, n_control=2, progress=False)
+    skw = dict(fillers=(" .", "counting", "random_words"), counts=(0, 3, 8), cot=True, progress=False)
+    probes = {"ablation": lambda bs: lb.filler_ablation(m, [TEXT, NO_COMMA], batch_size=bs, **akw),
+              "sweep": lambda bs: lb.filler_sweep(m, items, batch_size=bs, **skw),
+              "sweep_scratch": lambda bs: lb.filler_sweep(m, items, batch_size=bs, reuse_cache=False, **skw)}
+    for name, run in probes.items():
+        ref = run("auto")
+        for got in (_with_oom(m, 2, lambda run=run: run("auto")), run(1)):
+            if name == "ablation":
+                pairs = [(ref.token_loss_orig, got.token_loss_orig), (ref.token_loss_class, got.token_loss_class),
+                         (ref.token_loss_control, got.token_loss_control)]
+                assert torch.equal(ref.correct_class.nan_to_num(-1), got.correct_class.nan_to_num(-1))
+            else:
+                pairs = [(ref.logprob, got.logprob)]
+                assert torch.equal(ref.correct.nan_to_num(-1), got.correct.nan_to_num(-1))
+            for a, b in pairs:   # the same numbers (up to float summation order of differently shaped batches)
+                assert torch.equal(a.isnan(), b.isnan()), name
+                assert torch.allclose(a, b, atol=1e-5, rtol=0, equal_nan=True), (name, (a - b).abs().nan_to_num(0).max())
+
+
+def test_ablation_through_nnsight_backend_matches_hf_and_runs_the_trace():
+    import sys
+
+    from nnsight import LanguageModel
+    model, tok = lb.testing.tiny_model("llama")
+    hf, nn = lb.load(model, tok), lb.load(LanguageModel(model, tokenizer=tok))
+    assert (hf.backend, nn.backend) == ("hf", "nnsight")
+    hf.capabilities, nn.capabilities   # noqa: B018 - measured before counting
+    calls: list[bool] = []
+
+    def inside_nnsight(*_):   # whether nnsight's trace machinery is on the stack of this model call
+        f = sys._getframe(1)
+        while f is not None and not f.f_globals.get("__name__", "").startswith("nnsight"):
+            f = f.f_back
+        calls.append(f is not None)
+
+    handle = model.register_forward_pre_hook(inside_nnsight)
+    kw = dict(classes=("punctuation", "articles"), continuation_words=6, n_control=2, progress=False)
+    try:
+        a = lb.filler_ablation(hf, [TEXT, NO_COMMA], **kw)
+        hf_calls, calls[:] = list(calls), []
+        b = lb.filler_ablation(nn, [TEXT, NO_COMMA], **kw)
+    finally:
+        handle.remove()
+    assert hf_calls and not any(hf_calls)
+    assert len(calls) == len(hf_calls) and all(calls)    # every forward ran inside an nnsight trace
+    for x, y in ((a.token_loss_orig, b.token_loss_orig), (a.token_loss_class, b.token_loss_class),
+                 (a.token_loss_control, b.token_loss_control)):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0, equal_nan=True)
+    assert torch.equal(a.removed_tokens, b.removed_tokens) and a.edited == b.edited

@@ -273,24 +273,26 @@ def _sweep_scratch(m: LensModel, q_ids, arms, tail, a_ids, scores, batch_size) -
 
 
 def _sweep_cached(m: LensModel, q_ids, arms, tail, a_ids, scores, batch_size) -> None:
-    """The question once (one row); a ``cot`` arm extends a copy of it. The filler kinds go in groups of
-    ``batch_size`` rows (halved on out-of-memory, each try on a fresh copy of the question's cache): the
-    group's longest filler runs in one call, then each N (longest first) crops back to question + N and scores
-    template + answer for the whole group in one call."""
+    """The question once (one row). The filler kinds go in groups of ``batch_size`` rows (halved on
+    out-of-memory, each try on a fresh copy of the question's cache): the group's longest filler runs in one
+    call, then each N (longest first) crops back to question + N and scores template + answer for the whole
+    group in one call. A ``cot`` arm then extends its own copy of the question's cache."""
     q = KVCache(m)
     q.extend([q_ids])
-    q_len = q.length
-    plain = []
+    plain = [(k, dict(arm)) for k, arm in arms if not _is_cot(arm)]
+    if plain:
+        _sweep_kinds(m, q, plain, tail, a_ids, q_ids, scores, batch_size)
     for k, arm in arms:
         if _is_cot(arm):
             f = arm[0][1]
             kv = q.copy()
             kv.extend([f])
-            scores[(k, 0)] = _score_tail(kv, q_len, [f], tail, a_ids, q_ids)[0]
-        else:
-            plain.append((k, dict(arm)))
-    if not plain:
-        return
+            scores[(k, 0)] = _score_tail(kv, q.length, [f], tail, a_ids, q_ids)[0]
+
+
+def _sweep_kinds(m: LensModel, q: KVCache, plain, tail, a_ids, q_ids, scores, batch_size) -> None:
+    """The filler kinds ``plain`` (``[(k, {j: filler ids})]``) on the question's cache ``q`` (left unchanged)."""
+    q_len = q.length
     js = sorted(plain[0][1], key=lambda j: -len(plain[0][1][j]))   # longest N first
     width = q_len + len(plain[0][1][js[0]]) + max(1, len(tail)) + len(a_ids)
 
