@@ -120,5 +120,13 @@ def test_quick_run_section_format():
     pr = out["ours"]["filler_probe"]["filler"]
     assert len(pr["filler"]) == len(pr["layers"]) == D.QUICK["layers"] + 1
     assert all(0 <= a <= 1 for a in pr["filler"] + pr["at_P"] + pr["shuffled"])
-    again = D.run(quick=True, seed=0)
-    assert again["ours"]["accuracy"] == out["ours"]["accuracy"]  # seeded
+    assert out["seed"]["seeds"] == [0 + s for s in D.QUICK["seeds"]]
+
+
+def test_training_is_seeded():
+    v = D.Vocab(4, 2)
+    cfg = dict(D.QUICK, steps=3)
+    x, y, _ = D.generate(50, 4, 2, np.random.default_rng(3))
+    a, b = (D.train(v, "filler_cot", cfg, 7) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert (D.evaluate(a, v, "filler", x, y, 7) == D.evaluate(b, v, "filler", x, y, 7)).all()

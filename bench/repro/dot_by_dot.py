@@ -216,17 +216,24 @@ def forward(model, ids: torch.Tensor, hidden: bool = False):
 
 
 def _batch(vocab: Vocab, arm: str, n: int, rng: np.random.Generator):
-    """Training batch: ``ids`` ``[B, T, d]`` and ``targets`` ``[B, T]`` (-100 where not supervised; position t
-    predicts token t + 1)."""
+    """Training batch: ``ids`` ``[B, T, d]``, ``targets`` ``[B, T]`` (-100 where not supervised; position t
+    predicts token t + 1) and ``group`` ``[B]`` (0; for ``filler_cot``: 0 chain of thought, 1 filler — the loss
+    is the mean of the two groups' mean token losses). Chain-of-thought rows (``n(n−1)`` tokens) are right-padded
+    to the filler rows' length so one forward pass serves both (causal: padding after a row changes nothing)."""
     x, y, _ = generate(n, vocab.length, vocab.dim, rng)
     if arm == "filler_cot":  # half chain of thought (all tokens after P supervised), half filler (answer only)
         h = n // 2
-        a = _answer_only(vocab.encode(x[h:], vocab.middle("filler", n - h, rng), y[h:]))
+        ids_f, tgt_f = _answer_only(vocab.encode(x[h:], vocab.middle("filler", n - h, rng), y[h:]))
         ids_c = vocab.encode(x[:h], vocab.cot(x[:h], rng), y[:h])
         tgt_c = torch.full(ids_c.shape[:2], -100, dtype=torch.long)
         tgt_c[:, vocab.length:-1] = ids_c[:, vocab.length + 1:, 0]
-        return [(ids_c, tgt_c), a]
-    return [_answer_only(vocab.encode(x, vocab.middle(arm, n, rng), y))]
+        T = ids_f.shape[1]
+        ids_c = torch.nn.functional.pad(ids_c, (0, 0, 0, T - ids_c.shape[1]), value=Vocab.PAD)
+        tgt_c = torch.nn.functional.pad(tgt_c, (0, T - tgt_c.shape[1]), value=-100)
+        group = torch.cat([torch.zeros(h, dtype=torch.long), torch.ones(n - h, dtype=torch.long)])
+        return torch.cat([ids_c, ids_f]), torch.cat([tgt_c, tgt_f]), group
+    ids, tgt = _answer_only(vocab.encode(x, vocab.middle(arm, n, rng), y))
+    return ids, tgt, torch.zeros(n, dtype=torch.long)
 
 
 def _answer_only(ids: torch.Tensor):
@@ -246,12 +253,12 @@ def train(vocab: Vocab, arm: str, cfg: dict, seed: int):
     model.train()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        parts = _batch(vocab, arm, cfg["batch"], rng)
-        loss = 0.0
-        for ids, tgt in parts:
-            logits = forward(model, ids).logits
-            loss = loss + torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                            ignore_index=-100) / len(parts)
+        ids, tgt, group = _batch(vocab, arm, cfg["batch"], rng)
+        logits = forward(model, ids).logits
+        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+        sup = (tgt != -100).float()
+        gs = [g for g in range(int(group.max()) + 1)]
+        loss = sum((tok[group == g].sum() / sup[group == g].sum()) for g in gs) / len(gs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
