@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test browser-deps lint bench support-table clean
+.PHONY: setup demo test browser-deps lint bench support-table clean gpu-wheels gpu-check
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,23 @@ bench: setup
 
 support-table: setup
 	$(PY) scripts/support_table.py
+
+# The GPU check (bench/gpu_check.py): wheels the GPU machine lacks go to .gpu-wheels/ (ignored; it travels with
+# the checkout), then `make gpu-check` there; GPU_PYTHON is the interpreter that holds the CUDA torch.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= out/gpu-check
+GPU_CHECK_ARGS ?=
+GPU_WHEELS := plotly==7.1.0 gguf==0.19.0
+
+gpu-wheels:
+	mkdir -p .gpu-wheels
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .gpu-wheels $(GPU_WHEELS)
+	du -ch .gpu-wheels/*.whl | tail -1
+
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) out test-artifacts build dist *.egg-info
