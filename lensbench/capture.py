@@ -184,6 +184,28 @@ def forward_batch(m: LensModel, ids: list[torch.Tensor], layers: list[int], *, p
                         lengths=[len(x) for x in ids], hidden=hidden, logits=out_logits, padding_side=padding_side)
 
 
+def reduce_batch(m: LensModel, ids: list[torch.Tensor], layers: list[int], fn: Callable[[CaptureBatch], Any], *,
+                 padding_side: str = "right", backend: str | None = None, indices: list[int] | None = None,
+                 logits: bool = True) -> Any:
+    """``fn(batch)`` on one padded forward pass through the chosen backend.
+
+    On the ``nnsight`` backend ``fn`` runs inside the trace on the trace's tensors and only what it returns is
+    saved (with ``m.remote`` set, only that leaves NDIF): write ``fn`` with torch only."""
+    from .backends import run_reduced
+    name = backend or m.backend
+    input_ids, mask = pad_batch(m, ids, padding_side)
+    input_ids, mask = input_ids.to(m.input_device), mask.to(m.input_device)
+
+    def work(hidden: dict, out_logits):
+        return fn(CaptureBatch(model=m, indices=list(indices or range(len(ids))), input_ids=input_ids,
+                               attention_mask=mask, lengths=[len(x) for x in ids], hidden=hidden, logits=out_logits,
+                               padding_side=padding_side))
+
+    with torch.no_grad():
+        with model_errors(m, f"in a capture of {tuple(input_ids.shape)} tokens through the {name!r} backend"):
+            return run_reduced(name, m, input_ids, mask, layers, work, padding_side, logits=logits)
+
+
 def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], list] | None = None,
             batch_size: int | str = "auto", progress: bool = True, *, add_bos: bool | None = None,
             truncate: bool = False, padding_side: str = "right", backend: str | None = None,
@@ -195,6 +217,8 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
         layers: None (all, 0..L), an int or a list; negatives count from the end.
         reduce: ``f(batch: CaptureBatch) -> list`` with one entry per row of the batch, run on the device
             while the batch's activations are alive; its outputs land in ``Capture.results`` in text order.
+            On the ``nnsight`` backend it runs inside the trace and only its outputs are saved (NDIF-ready when it
+            uses torch only).
             Without it, every text's hidden states are copied to CPU float32.
         batch_size: texts per forward pass or ``"auto"`` (a token budget, halved on out-of-memory).
         progress: show a ``tqdm`` bar when there is more than one batch.
@@ -220,24 +244,26 @@ def capture(m: LensModel, texts, layers=None, reduce: Callable[[CaptureBatch], l
     results: list[Any] = [None] * n
     losses: list[float] = [float("nan")] * n
 
-    def step(idx: list[int]) -> None:
-        batch = forward_batch(m, [ids[i] for i in idx], layers, padding_side=padding_side, backend=backend,
-                              indices=idx, logits=logits)
-        if batch.logits is not None:
-            with torch.no_grad():
-                for b, i in enumerate(idx):
-                    losses[i] = mean_next_token_loss(batch.logits[b, batch.span(b)], batch.ids_of(b))
+    def per_batch(batch: CaptureBatch) -> tuple[list[float], list]:
+        n_rows = len(batch.indices)
+        lo = ([mean_next_token_loss(batch.logits[b, batch.span(b)], batch.ids_of(b)) for b in range(n_rows)]
+              if batch.logits is not None else [float("nan")] * n_rows)
         if reduce is not None:
-            with torch.no_grad():
-                out = reduce(batch)
-            if len(out) != len(idx):
-                raise InputError(f"reduce returned {len(out)} items for a batch of {len(idx)} texts; return one "
-                                 "per text.")
-            for i, o in zip(idx, out):
+            return lo, reduce(batch)
+        return lo, [batch.hidden_of(b, layers).float().cpu() for b in range(n_rows)]
+
+    def step(idx: list[int]) -> None:
+        lo, out = reduce_batch(m, [ids[i] for i in idx], layers, per_batch, padding_side=padding_side,
+                               backend=backend, indices=idx, logits=logits)
+        if len(out) != len(idx):
+            raise InputError(f"reduce returned {len(out)} items for a batch of {len(idx)} texts; return one "
+                             "per text.")
+        for i, loss, o in zip(idx, lo, out):
+            losses[i] = loss
+            if reduce is not None:
                 results[i] = o
-        else:
-            for b, i in enumerate(idx):
-                hidden[i] = batch.hidden_of(b, layers).float().cpu()
+            else:
+                hidden[i] = o
 
     stats = run_batches(m, ids, step, batch_size=batch_size, progress=progress, desc="capture")
     stats["tokens"] = int(sum(len(x) for x in ids))

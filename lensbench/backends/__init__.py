@@ -1,7 +1,8 @@
 """Backends run one padded forward pass and return ``(hidden: {layer: [B,T,d]}, logits [B,T,V])``.
 
 - ``hf``: plain torch hooks on the discovered blocks (default; any transformers model).
-- ``nnsight``: an nnsight ``LanguageModel`` trace (the same probe code can then run remotely on NDIF).
+- ``nnsight``: an nnsight ``LanguageModel`` trace; reductions run inside it, so with ``m.remote = True`` the same
+  probe code runs on NDIF and only reduced statistics come back.
 - ``transformer_lens``: a TransformerLens ``TransformerBridge`` ``run_with_cache``.
 
 All three record the same tensors, so probes give the same numbers through each (tested).
@@ -14,6 +15,9 @@ import torch
 from ..errors import InputError
 
 BACKENDS = ("hf", "nnsight", "transformer_lens")
+
+#: forward passes run through each backend (tests count them to prove a probe used its model's backend)
+CALLS: dict[str, int] = dict.fromkeys(BACKENDS, 0)
 
 
 def position_ids_for(mask: torch.Tensor) -> torch.Tensor:
@@ -35,6 +39,19 @@ def run_backend(name: str, m, input_ids: torch.Tensor, mask: torch.Tensor, layer
         from .transformer_lens import run
     else:
         raise InputError(f"backend={name!r} is unknown; choose one of {BACKENDS}.")
+    CALLS[name] += 1
     if name == "hf":
         return run(m, input_ids, mask, layers, padding_side, logits=logits)
     return run(m, input_ids, mask, layers, padding_side)
+
+
+def run_reduced(name: str, m, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int], work,
+                padding_side: str = "right", logits: bool = True):
+    """``work(hidden, logits)`` on one forward through backend ``name``; on ``nnsight`` it runs inside the trace
+    and only its result is saved (what makes a probe NDIF-ready)."""
+    if name != "nnsight":
+        hidden, out = run_backend(name, m, input_ids, mask, layers, padding_side, logits=logits)
+        return work(hidden, out)
+    from .nnsight import run_reduced as run
+    CALLS[name] += 1
+    return run(m, input_ids, mask, layers, work, padding_side, logits=logits)
