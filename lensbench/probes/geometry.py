@@ -319,7 +319,7 @@ def _per_prompt(m: LensModel, texts, layers, fn, *, exclude_first, last_layer: s
             for la in layers:
                 X = _cloud(batch, b, la, exclude_first, last_layer)
                 if adjacent:
-                    vals.append(fn(X, _cloud(batch, b, la + 1, exclude_first, last_layer)))
+                    vals.append(fn(X, _cloud(batch, b, la + 1, exclude_first, last_layer).to(X.device)))
                 else:
                     vals.append(fn(X))
             T = len(batch.ids_of(b)) - _skip(batch.model, batch.ids_of(b), exclude_first)

@@ -299,7 +299,8 @@ def _lens_stats(m: LensModel, hidden: dict[int, torch.Tensor], layers: list[int]
             hs = [lens.apply(hidden[la][s:e], la) if lens is not None else hidden[la][s:e] for _, la in part]
             if plain and g0 == 0:  # the final layer's row block is the model's own output: no translator
                 hs[0] = hidden[L][s:e]
-            Z = m.unembed(torch.cat(hs), apply_final_norm=apply_final_norm)   # [len(part) * c, V] float32
+            # blocks of a model split over devices leave their layers' states on their own devices
+            Z = m.unembed(torch.cat([h.to(dev) for h in hs]), apply_final_norm=apply_final_norm)   # [len(part) * c, V] float32
             for i, (j, _la) in enumerate(part):
                 z = Z[i * c:(i + 1) * c]
                 if plain and g0 == 0 and i == 0:
