@@ -557,16 +557,21 @@ def sec_offload(ctx: Ctx, sec: Section):
     """The small model's blocks split between the GPU and the CPU (dry run: CPU and disk) by accelerate, vs the
     unsplit model: lens and IG numbers must agree within bf16 tolerance."""
     import torch
-    from accelerate import dispatch_model
+    from accelerate import dispatch_model, infer_auto_device_map
 
     import lensbench as lb
     _need(ctx, "m", "tok")
     m = ctx.models["m"]
     L = m.n_layers
     main, off = ("cpu", "disk") if ctx.dry else (0, "cpu")
-    dmap = {"model.embed_tokens": main, "model.rotary_emb": main, "model.norm": main, "lm_head": main}
-    dmap.update({f"model.layers.{i}": (main if i < L // 2 else off) for i in range(L)})
     hf = copy.deepcopy(m.model).to("cpu")
+    size = sum(p.numel() * p.element_size() for p in hf.parameters())
+    # accelerate's own placement under max_memory: 75% of the model's bytes allowed on the main device
+    dmap = infer_auto_device_map(hf, max_memory={main: int(size * 0.75), off: 100 * 2**30},
+                                 no_split_module_classes=["LlamaDecoderLayer"])
+    placed = sorted({str(v) for v in dmap.values()})
+    if len(placed) < 2:
+        raise CheckFailed(f"max_memory did not split the model: {dmap}")
     with tempfile.TemporaryDirectory() as folder:
         hf = dispatch_model(hf, dmap, main_device="cpu" if ctx.dry else 0, offload_dir=folder)
         ms = lb.load(hf, tokenizer=ctx.models["tok"])
@@ -575,12 +580,17 @@ def sec_offload(ctx: Ctx, sec: Section):
         b, t_ref = ctx.timed(lb.logit_lens, m, txt, top_k=5, progress=False)
         sec.check("split vs unsplit: entropy max |diff| (nats)", (a.entropy - b.entropy).abs().max(),
                   lb.devices.tolerance(torch.bfloat16))
-        ga = lb.attribute(ms, txt[:80], method="grad_x_input", progress=False)
-        gb = lb.attribute(m, txt[:80], method="grad_x_input", progress=False)
+        # upcast=False on both: an offloaded model is not upcast, so compare like with like
+        ga = lb.attribute(ms, txt[:80], method="grad_x_input", upcast=False, progress=False)
+        gb = lb.attribute(m, txt[:80], method="grad_x_input", upcast=False, progress=False)
         rel = (ga.scores - gb.scores).abs().max() / gb.scores.abs().max().clamp_min(1e-12)
         sec.check("split vs unsplit: grad x input max rel diff", rel, 0.05)
-        sec.metric(map=f"blocks {L // 2}..{L - 1} on {off}", lens_split_s=t_split, lens_unsplit_s=t_ref,
-                   slowdown=t_split / t_ref, m_device=str(ms.device))
+        def where(name):
+            keys = [k for k in dmap if k == "" or name == k or name.startswith(k + ".")]
+            return str(dmap[max(keys, key=len)])
+        n_off = sum(where(f"model.layers.{i}") == str(off) for i in range(L))
+        sec.metric(map=f"{n_off}/{L} blocks on {off} (max_memory {main}: 75% of the model)", placed=placed,
+                   lens_split_s=t_split, lens_unsplit_s=t_ref, slowdown=t_split / t_ref, m_device=str(ms.device))
         del ms, hf
 
 
