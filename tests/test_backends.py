@@ -43,13 +43,13 @@ def _close(a, b, atol):
 PROBES = {
     "logit_lens": lambda m: lb.logit_lens(m, TEXT, progress=False).kl_to_final,
     "lens_sweep": lambda m: lb.lens_sweep(m, TEXTS, progress=False).to_dataframe().select_dtypes("number").to_numpy(),
-    "intrinsic_dimension": lambda m: lb.intrinsic_dimension(m, TEXTS, estimator="twonn", progress=False).id,
+    "intrinsic_dimension": lambda m: lb.intrinsic_dimension(m, TEXTS, estimator="twonn", progress=False).values,
     "linearity": lambda m: lb.linearity(m, TEXTS, progress=False).score,
     "shuffle_baseline": lambda m: lb.shuffle_baseline(m, LONG, levels=(0, 2), estimator="twonn",
                                                       progress=False).id,
-    "cosine_similarity": lambda m: lb.cosine_similarity(m, TEXTS, progress=False).id,
-    "anisotropy": lambda m: lb.anisotropy(m, TEXTS, progress=False).id,
-    "neighborhood_overlap": lambda m: lb.neighborhood_overlap(m, TEXTS, k=5, progress=False).id,
+    "cosine_similarity": lambda m: lb.cosine_similarity(m, TEXTS, progress=False).values,
+    "anisotropy": lambda m: lb.anisotropy(m, TEXTS, progress=False).values,
+    "neighborhood_overlap": lambda m: lb.neighborhood_overlap(m, TEXTS, k=5, progress=False).values,
     "geometry_loss_correlation": lambda m: lb.geometry_loss_correlation(
         lb.intrinsic_dimension(m, TEXTS, estimator="twonn", progress=False)).pearson_r,
     "contextual_memory": lambda m: lb.contextual_memory(m, TEXTS, steps=5, n_boot=10, progress=False).to_dataframe()

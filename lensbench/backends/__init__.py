@@ -40,7 +40,7 @@ def run_backend(name: str, m, input_ids: torch.Tensor, mask: torch.Tensor, layer
     else:
         raise InputError(f"backend={name!r} is unknown; choose one of {BACKENDS}.")
     CALLS[name] += 1
-    if name == "hf":
+    if name in ("hf", "nnsight"):
         return run(m, input_ids, mask, layers, padding_side, logits=logits)
     return run(m, input_ids, mask, layers, padding_side)
 

@@ -68,20 +68,23 @@ def _kwargs(mask: torch.Tensor, padding_side: str) -> dict:
     return kw
 
 
-def run(m, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int], padding_side: str = "right"):
-    """``(hidden {layer: [B, T, d]}, logits [B, T, V])`` saved from one trace (local use: saves everything)."""
+def run(m, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int], padding_side: str = "right",
+        logits: bool = True):
+    """``(hidden {layer: [B, T, d]}, logits [B, T, V] or None)`` saved from one trace (saves the hidden states:
+    for remote use prefer :func:`run_reduced`)."""
     lm = language_model(m)
     blocks = _envoy(lm, m.anatomy.blocks)
-    saved = {}
+    saved, out = {}, None  # only saved values come back from a trace
     with lm.trace(input_ids, **trace_options(m), **_kwargs(mask, padding_side)):
         for layer in layers:
             if layer == 0:
                 saved[0] = blocks[0].input.save()
             else:
                 saved[layer] = blocks[layer - 1].output.save()
-        logits = lm.output.logits.save()
+        if logits:
+            out = lm.output.logits.save()
     hidden = {k: _first_tensor(v) for k, v in saved.items()}
-    return hidden, logits
+    return hidden, out
 
 
 def run_reduced(m, input_ids: torch.Tensor, mask: torch.Tensor, layers: list[int], work: Callable,
