@@ -56,7 +56,8 @@ class CaptureBatch:
         """``[n_layers, T_b, d_model]`` unpadded residuals of row ``b`` (on device, model dtype)."""
         layers = sorted(self.hidden) if layers is None else layers
         s = self.span(b)
-        return torch.stack([self.hidden[la][b, s] for la in layers])
+        dev = self.hidden[layers[0]].device  # blocks may live on several devices
+        return torch.stack([self.hidden[la][b, s].to(dev) for la in layers])
 
     def ids_of(self, b: int) -> torch.Tensor:
         return self.input_ids[b, self.span(b)]

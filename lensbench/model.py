@@ -398,6 +398,7 @@ class LensModel:
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.backend = backend
         self.wrapped = wrapped
+        self.remote: Any = False  # nnsight backend: True/"local"/a host runs traces remotely (see load)
         self.embed_module = model.get_input_embeddings()
         ids = self.encode(_VALIDATION_TEXT)[None].to(self.input_device)
         self.anatomy = discover_anatomy(model, ids, anatomy)
@@ -1030,7 +1031,7 @@ def _convert_gguf(src: Path, target: Path) -> None:
 def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, device_map: Any = None, trust_remote_code: bool = False,
          allow_pickle: bool = False, validate: bool = True, anatomy: dict | None = None,
-         **from_pretrained_kw) -> LensModel:
+         remote: Any = False, **from_pretrained_kw) -> LensModel:
     """Load a causal LM and validate its anatomy.
 
     Args:
@@ -1052,7 +1053,22 @@ def load(model: Any = None, tokenizer: Any = None, *, device: str | torch.device
         anatomy: override discovery where it gets a model wrong: any of ``embed``, ``blocks`` (a dotted path
             or a list of paths, in order, for a stack kept in several lists), ``final`` (paths in order),
             ``unembed``, ``logit_softcap``, ``logit_scale``, ``logit_divisor``. Validated like a discovered one.
+        remote: for an nnsight ``LanguageModel``: ``True`` runs every forward-only probe's traces on NDIF (only the
+            probes' reductions come back), ``"local"`` nnsight's local dry run of the remote path, a host URL or an
+            nnsight backend; sets ``m.remote`` (see docs/bring-your-own-model.md).
     """
+    if remote and not (model is not None and type(model).__module__.startswith("nnsight")):
+        raise InputError("remote= needs an nnsight LanguageModel: lb.load(LanguageModel(...), remote=True).")
+    m = _load(model, tokenizer, device=device, dtype=dtype, device_map=device_map,
+              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, validate=validate, anatomy=anatomy,
+              **from_pretrained_kw)
+    m.remote = remote
+    return m
+
+
+def _load(model: Any = None, tokenizer: Any = None, *, device=None, dtype=None, device_map=None,
+          trust_remote_code: bool = False, allow_pickle: bool = False, validate: bool = True, anatomy=None,
+          **from_pretrained_kw) -> LensModel:
     torch_dtype = resolve_dtype(dtype)
     if model is None or (isinstance(model, str) and model.lower() in ("default", DEFAULT_MODEL.lower(),
                                                                      DEFAULT_MODEL_LABEL.lower())):

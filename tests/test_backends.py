@@ -114,3 +114,13 @@ def test_remote_local_round_trip(models):
     full = hf.capture(TEXTS, layers=[1], progress=False)
     for i in range(len(TEXTS)):
         assert torch.allclose(cap.results[i], full.hidden_states(i)[0].norm(dim=-1), atol=1e-5)
+
+
+def test_load_takes_remote_for_nnsight_models_only(tiny):
+    from nnsight import LanguageModel
+    m = tiny("llama")
+    nn = lb.load(LanguageModel(m.model, tokenizer=m.tokenizer), remote="local")
+    assert nn.remote == "local" and nn.backend == "nnsight"
+    assert lb.load(m.model, m.tokenizer).remote is False
+    with pytest.raises(lb.InputError, match="nnsight LanguageModel"):
+        lb.load(m.model, m.tokenizer, remote=True)

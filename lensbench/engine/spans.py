@@ -52,7 +52,7 @@ def score_spans(m, seqs: Sequence[Sequence[int]], n_span: Sequence[int], *, batc
     last block's output read at the span-predicting positions only and unembedded there. ``batch_size="auto"``
     halves on out-of-memory (identical scores). Returns one :class:`SpanScore` per sequence, in order.
     """
-    from ..capture import forward_batch
+    from ..capture import reduce_batch
     if len(seqs) != len(n_span):
         raise InputError(f"score_spans: {len(seqs)} sequences but {len(n_span)} span lengths.")
     for i, (s, a) in enumerate(zip(seqs, n_span)):
@@ -66,15 +66,19 @@ def score_spans(m, seqs: Sequence[Sequence[int]], n_span: Sequence[int], *, batc
     out: list[SpanScore | None] = [None] * len(seqs)
 
     def step(idx: list[int]) -> None:
-        batch = forward_batch(m, [ids[i] for i in idx], [L], backend=backend, indices=idx, logits=False)
-        h = batch.hidden[L]
         rows, cols, gold = [], [], []
         for r, i in enumerate(idx):
             n, a = len(ids[i]), n_span[i]
             rows += [r] * a
             cols += list(range(n - a - 1, n - 1))
             gold += list(seqs[i][n - a:])
-        lp, ok = readout(m, h[torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)], gold)
+
+        def reduce(batch):  # torch only: on nnsight this runs inside the trace and only [n] scores are saved
+            h = batch.hidden[L]
+            return readout(m, h[torch.tensor(rows, device=h.device), torch.tensor(cols, device=h.device)], gold)
+
+        lp, ok = reduce_batch(m, [ids[i] for i in idx], [L], reduce, backend=backend, indices=idx, logits=False)
+        lp, ok = lp.cpu(), ok.cpu()
         k = 0
         for i in idx:
             a = n_span[i]

@@ -150,7 +150,8 @@ def fit_contextual_memory(features: Sequence[torch.Tensor], ids: Sequence[torch.
             tr = torch.nonzero(train).flatten()
             head = PrefixDecoder(feats.shape[1], emb.shape[1], len(vocab), window, hidden)
             opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01, foreach=True)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                        pct_start=max(0.1, 2 / steps))  # >= 1 warm-up step
             bar = tqdm(range(steps), desc=f"contextual memory fold {f + 1}/{n_groups}", disable=not progress)
             for _ in bar:
                 b = tr[torch.randint(len(tr), (min(batch, len(tr)),), generator=g)]
