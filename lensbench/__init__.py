@@ -5,7 +5,7 @@
 >>> res = lb.logit_lens(m, "The capital of France is", target=" Paris")
 """
 
-from . import engine, estimators, stats, tasks
+from . import engine, engines, estimators, stats, tasks
 from .capture import Capture, CaptureBatch
 from .data import sample_texts
 from .errors import AnatomyError, InputError, LensbenchError, ModelLoadError, ModelRunError
@@ -53,7 +53,7 @@ from .results import Result
 
 __version__ = "0.1.0"
 __all__ = [
-    "load", "LensModel", "Anatomy", "Capture", "CaptureBatch", "Result", "engine", "estimators", "stats", "tasks",
+    "load", "LensModel", "Anatomy", "Capture", "CaptureBatch", "Result", "engine", "engines", "estimators", "stats", "tasks",
     "sample_texts", "LensbenchError", "InputError", "AnatomyError", "ModelLoadError", "ModelRunError",
     # lens
     "logit_lens", "lens_sweep", "train_tuned_lens", "TunedLens", "LensResult", "LensSweepResult",

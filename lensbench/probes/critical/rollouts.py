@@ -418,7 +418,8 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
                     embedder: Callable[[list[str]], torch.Tensor] | None = None,
                     answer: Callable[[str], Any] | None = None, kl_smoothing: float = 1.0,
                     sampler: Callable[[RolloutRequest], list] | None = None, batch_size: int | str = "auto",
-                    cache_dir: str | os.PathLike | None = None, progress: bool = True) -> CriticalTokensResult:
+                    cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                    engine=None) -> CriticalTokensResult:
     """Rollout criticality of every token (or sentence) of ``response`` to ``prompt``.
 
     Args:
@@ -456,6 +457,11 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
             :func:`hf_sampler` (:func:`lensbench.engine.sample`: batched ``generate`` reusing the prefix KV cache,
             rows split on out-of-memory). It runs the transformers model itself, so a model loaded through
             another backend (nnsight, TransformerLens) is refused unless a sampler is given.
+        engine: what generates the rollouts: ``None``/``"hf"`` (default, the in-process engine above) or
+            ``lb.engines.VLLM(url)``, a vLLM server (one seeded request per row; its prefix cache does the reuse).
+            The replace arm's alternative token is drawn in-process from the model's own next-token logits by the
+            same seeded rule for every engine, so only the continuations come from the engine. The engine is
+            recorded in ``result.settings["engine"]``; ``sampler=`` and ``engine=`` are exclusive.
         batch_size: rows per sampler call, or ``"auto"`` (a token budget over prefix + new tokens); results do not
             depend on it. cache_dir: directory for per-unit results (resumable; keyed by the model's weight
             fingerprint, not its name).
@@ -519,14 +525,22 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
     if granularity == "sentence":
         emb = embedder if embedder is not None else _default_embedder(m)
     emb_name = getattr(emb, "__name__", None) or getattr(emb, "__qualname__", None) or repr(emb)
+    from ...engines import resolve_engine
+    if engine is not None and sampler is not None:
+        raise InputError("pass either sampler= or engine=, not both.")
+    engine = resolve_engine(engine)
+    if sampler is None and engine.name != "hf":
+        sampler = engine.sample
     if sampler is None:
         _require_hf_engine(m)
         m.require_prefix_cache("critical_tokens")  # the in-process sampler reuses a cropped prefix cache
+    engine_name = engine.describe()["engine"] if sampler in (None, engine.sample) else "sampler"
     eng = _Engine(m, prompt_ids, resp_ids, checker, n_samples, settings, seed, sampler or hf_sampler, batch_size)
     # the weights' fingerprint, not the name: two models called alike must never share rollouts
     key = _mix("critical/2", getattr(m, "fingerprint", None) or m.name, str(m.dtype), prompt_ids, resp_ids,
                _checker_name(checker), n_samples, settings, seed, granularity,
-               "hf_sampler" if sampler in (None, hf_sampler) else getattr(sampler, "__qualname__", repr(sampler)),
+               "hf_sampler" if sampler in (None, hf_sampler) else
+               engine_name if engine_name != "sampler" else getattr(sampler, "__qualname__", repr(sampler)),
                emb_name if granularity == "sentence" else None)
     cdir = Path(cache_dir) / f"{key:016x}" if cache_dir is not None else None
     memo: dict[Any, dict] = {}
@@ -598,8 +612,8 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
             sim_t = float(calibration["threshold"])
         else:
             sim_t = float(similarity_threshold)
-    return _assemble(m, prompt, response, units, spans, resp_ids, granularity, recs, base, n_samples, settings,
-                     checker, threshold, ks, eng.n_rollouts, decision=decision, sim_t=sim_t, emb_name=emb_name,
+    return _assemble(m, prompt, response, units, spans, resp_ids, granularity, recs, base, n_samples,
+                     dict(settings, engine=engine_name), checker, threshold, ks, eng.n_rollouts, decision=decision, sim_t=sim_t, emb_name=emb_name,
                      calibration=calibration, answer=answer, kl_smoothing=float(kl_smoothing))
 
 

@@ -167,7 +167,8 @@ def _normalize_sweep_items(items) -> list[dict]:
 
 def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128), template: str | None = None,
                  cot: bool = False, reuse_cache: bool = True, seed: int = 0, n_boot: int = 1000,
-                 ci: float = 0.95, batch_size: int | str = "auto", progress: bool = True) -> FillerSweepResult:
+                 ci: float = 0.95, batch_size: int | str = "auto", progress: bool = True,
+                 engine=None) -> FillerSweepResult:
     """Score ``question + N fillers + template + answer`` for every filler kind and N.
 
     Args:
@@ -185,6 +186,12 @@ def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128)
             and CI level of :meth:`FillerSweepResult.summary`.
         batch_size: rows per forward pass — filler kinds extended together on the question's cache, or arms
             scored together from scratch — or ``"auto"`` (a token budget, halved on out-of-memory).
+        engine: what scores the arms: ``None``/``"hf"`` (in-process, default) or ``lb.engines.VLLM(url)`` (a vLLM
+            server's ``prompt_logprobs``; arms are sent as full sequences and its prefix cache does the reuse, so
+            ``reuse_cache`` is moot). Recorded in ``result.settings["engine"]``.
+
+    On a model loaded through another backend (nnsight, TransformerLens) the arms are scored from scratch through
+    that backend (the cached path would run the transformers model directly).
     """
     if not isinstance(m, LensModel):
         raise InputError(f"m must be a LensModel (lb.load(...)), got {type(m).__name__}.")
@@ -208,6 +215,10 @@ def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128)
     lp = torch.full((K, M, N), float("nan"), dtype=torch.float64)
     ok = torch.full((K, M, N), float("nan"))
     ntok = torch.zeros((K, M, N))
+    from ...engines import resolve_engine
+    engine = resolve_engine(engine)
+    if engine.name != "hf" or m.backend != "hf":
+        reuse_cache = False  # scored as full sequences by the engine / through the backend
     if reuse_cache and not m.capabilities["prefix_cache"]:
         warnings.warn(f"filler_sweep: {m.name} cannot reuse a prefix cache "
                       f"({m.capabilities['prefix_cache_reason']}); scoring every arm from scratch "
@@ -241,7 +252,7 @@ def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128)
                 scores.clear()
                 _sweep_scratch(m, q_ids, arms, tail, a_ids, scores, batch_size)
         else:
-            _sweep_scratch(m, q_ids, arms, tail, a_ids, scores, batch_size)
+            _sweep_scratch(m, q_ids, arms, tail, a_ids, scores, batch_size, engine)
         zero = [(k, j) for k, arm in arms if not _is_cot(arm) for j, f in arm if not f]
         for k, j in zero:   # N = 0 is one arm shared by every kind (batched rows may differ in the last bits)
             scores[(k, j)] = scores[zero[0]]
@@ -254,11 +265,12 @@ def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128)
     return FillerSweepResult(kinds=kinds, counts=list(counts), logprob=lp, correct=ok, n_tokens=ntok,
                              questions=[it["question"] for it in items], answers=[it["answer"] for it in items],
                              template="\nAnswer:" if template is None else template,
-                             settings={"seed": seed, "n_boot": n_boot, "ci": ci, "reuse_cache": reuse_cache},
+                             settings={"seed": seed, "n_boot": n_boot, "ci": ci, "reuse_cache": reuse_cache,
+                                       "engine": engine.name},
                              model_name=m.name)
 
 
-def _sweep_scratch(m: LensModel, q_ids, arms, tail, a_ids, scores, batch_size) -> None:
+def _sweep_scratch(m: LensModel, q_ids, arms, tail, a_ids, scores, batch_size, engine=None) -> None:
     """Every arm as a full sequence ``question + fillers + template + answer`` (identical ones once), scored
     together by :func:`score_spans`."""
     seqs: dict[tuple, list] = {}
@@ -266,8 +278,8 @@ def _sweep_scratch(m: LensModel, q_ids, arms, tail, a_ids, scores, batch_size) -
         for j, f in arm:
             seqs.setdefault(tuple(q_ids + f + tail + a_ids), []).append((k, j))
     keys = list(seqs)
-    for key, s in zip(keys, score_spans(m, [list(x) for x in keys], [len(a_ids)] * len(keys),
-                                        batch_size=batch_size)):
+    score = score_spans if engine is None or engine.name == "hf" else engine.score
+    for key, s in zip(keys, score(m, [list(x) for x in keys], [len(a_ids)] * len(keys), batch_size=batch_size)):
         for kj in seqs[key]:
             scores[kj] = s
 
