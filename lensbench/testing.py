@@ -200,3 +200,29 @@ def shrunk_model(model_type: str, *, max_params: float = 60e6):
     if n > max_params:
         raise ValueError(f"{model_type}: {n / 1e6:.0f}M parameters after shrinking")
     return model.eval()
+
+
+class OOMOnce:
+    """A forward pre-hook on ``model`` that raises a real ``torch.OutOfMemoryError`` on its ``k``-th call (``k=0``:
+    never; it then only counts calls). Use as a context manager or call :meth:`remove`.
+
+    Attributes: calls (forward calls seen), fired (whether the error was raised)."""
+
+    def __init__(self, model: torch.nn.Module, k: int = 1):
+        self.k, self.calls, self.fired = k, 0, False
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, *_):
+        self.calls += 1
+        if not self.fired and self.calls == self.k:
+            self.fired = True
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 import lensbench as lb
-from lensbench.testing import tiny_tokenizer
+from lensbench.testing import OOMOnce, tiny_tokenizer
 
 PROMPT = "The capital of France is"
 
@@ -204,20 +204,6 @@ def test_bfloat16_gradients_in_float32_leave_the_model_untouched(tiny, method):
     assert torch.allclose(r16.scores, r32.scores, atol=1e-5), (r16.scores - r32.scores).abs().max()
     raw = lb.attribute(mb, PROMPT, target="e", method=method, n_steps=16, upcast=False, progress=False)
     assert raw.settings["upcast"] is False and not torch.allclose(raw.scores, r32.scores, atol=1e-5)  # it matters
-
-
-class OOMOnce:
-    """A forward pre-hook that raises a real ``torch.OutOfMemoryError`` on the ``k``-th call of the model."""
-
-    def __init__(self, model: nn.Module, k: int):
-        self.k, self.calls, self.fired = k, 0, False
-        self.handle = model.register_forward_pre_hook(self)
-
-    def __call__(self, *_):
-        self.calls += 1
-        if not self.fired and self.calls == self.k:
-            self.fired = True
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
 
 
 @pytest.mark.parametrize("method, kw, k", [

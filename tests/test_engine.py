@@ -10,24 +10,7 @@ import torch
 import lensbench as lb
 from lensbench import engine
 from lensbench.engine.prefix import CropUnsupported
-from lensbench.testing import tiny_model
-
-
-class OOMOnce:
-    """A forward pre-hook that raises a real ``torch.OutOfMemoryError`` on the ``k``-th model call."""
-
-    def __init__(self, model: torch.nn.Module, k: int = 1):
-        self.k, self.calls, self.fired = k, 0, False
-        self.handle = model.register_forward_pre_hook(self)
-
-    def __call__(self, *_):
-        self.calls += 1
-        if not self.fired and self.calls == self.k:
-            self.fired = True
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
-
-    def remove(self):
-        self.handle.remove()
+from lensbench.testing import OOMOnce, tiny_model
 
 
 def _reference_span_logprobs(model, seq: list[int], n: int) -> torch.Tensor:
