@@ -5,6 +5,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import reproduce  # noqa: E402
 from bench.repro import common as C  # noqa: E402
@@ -52,3 +54,16 @@ def test_missing_section_is_not_run(tmp_path, monkeypatch):
     d = json.loads(out.with_suffix(".json").read_text())
     assert d["sections"][0]["verdict"] == "not comparable" and "not run" in d["sections"][0]["reason"]
     assert d["meta"]["seed"] == 0 and "wall_s" in d["sections"][0]
+
+
+@pytest.mark.slow
+def test_quick_run_all_sections(tmp_path):
+    """The whole --quick pipeline: every section returns a valid section dict with a computed verdict."""
+    out = tmp_path / "R.md"
+    assert reproduce.main(["--quick", "--out", str(out)]) == 0
+    d = json.loads(out.with_suffix(".json").read_text())
+    assert [s["module"] for s in d["sections"]][:1] == ["dot_by_dot"]
+    for s in d["sections"]:
+        assert set(C.KEYS) <= set(s) and s["verdict"] in C.VERDICTS
+        assert not s["reason"].startswith("not run"), s["reason"]
+    assert out.read_text().startswith("# Reproductions")

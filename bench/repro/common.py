@@ -149,3 +149,15 @@ def render_markdown(sections: list[dict], header: str = "") -> str:
 
 def to_json(sections: list[dict], meta: dict) -> str:
     return json.dumps({"meta": meta, "sections": sections}, indent=1, default=_jsonable)
+
+
+_MODEL = {}
+
+
+def default_model():
+    """``lb.load()`` once per process (every section of one run shares the default model; probes do not
+    modify it)."""
+    if "m" not in _MODEL:
+        import lensbench as lb
+        _MODEL["m"] = lb.load()
+    return _MODEL["m"]

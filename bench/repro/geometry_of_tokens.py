@@ -43,7 +43,7 @@ def _fisher(r: float, n: int) -> tuple[float, float]:
 
 
 def run(quick: bool = False, seed: int = 0) -> dict:
-    m = lb.load()
+    m = common.default_model()
     texts = lb.sample_texts()
     n_id, n_shuf, chars = (4, 2, 1500) if quick else (24, 6, None)
     cut = (lambda t: t[:chars]) if chars else (lambda t: t)

@@ -26,14 +26,14 @@ THEIRS = {"quote": "tuned lens KL below logit lens at every layer on every model
 
 def run(quick: bool = False, seed: int = 0) -> dict:
     torch.manual_seed(seed)
-    m = lb.load()
+    m = common.default_model()
     texts = lb.sample_texts()
     n_train, n_test = (4, 2) if quick else (18, 6)
-    chars = 600 if quick else None
+    chars = 400 if quick else None
     train = [t[:chars] if chars else t for t in texts[:n_train]]
     test = [t[:chars] if chars else t for t in texts[n_train:n_train + n_test]]
     steps = 10 if quick else 120
-    tl = lb.train_tuned_lens(m, train, steps=steps, max_tokens=512 if quick else 4096, heldout=0.1,
+    tl = lb.train_tuned_lens(m, train, steps=steps, max_tokens=256 if quick else 4096, heldout=0.1,
                              seed=seed, progress=False)
     rl = lb.logit_lens(m, test, top_k=1, progress=False)
     rt = lb.logit_lens(m, test, top_k=1, lens=tl, progress=False)
@@ -64,7 +64,7 @@ def run(quick: bool = False, seed: int = 0) -> dict:
     return common.section(
         PAPER, CLAIM, THEIRS, ours,
         setting=(f"{m.name if hasattr(m, 'name') else 'default model'}; tuned lens {steps} SGD steps on {n_train} "
-                 f"shipped texts, evaluated on {n_test} held-out texts" + (" (quick: 600 chars each)" if quick else "")),
+                 f"shipped texts, evaluated on {n_test} held-out texts" + (" (quick: 400 chars each)" if quick else "")),
         n={"heldout_tokens": int(G.shape[1]), "heldout_texts": n_test},
         interval="95% CI of mean(logit KL − tuned KL) per layer, lensbench.stats.mean_ci clustered by text",
         verdict=v, seed=seed)
