@@ -1,7 +1,7 @@
 """Reproduction: Critical Tokens Matter (Lin et al. 2024) — rollout part.
 
 Setting: the default model, shipped arithmetic problems (``lb.tasks.arithmetic``) that its greedy chat answer gets
-wrong; :func:`lensbench.critical_tokens` (rollout rule, coarse search) on that response with
+wrong; :func:`lensbench.critical_tokens` (the paper's rollout rule ``rule="paper"``, coarse search) on that response with
 ``lb.checkers.number(gold)``. At each item's critical token (``critical_index``) we pool the rollout successes
 when the token is replaced vs kept.
 
@@ -34,7 +34,7 @@ def _chat(m, q: str) -> str:
 def run(quick: bool = False, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     m = common.default_model()
-    n_items, n_resp, n_s, n_new, max_wrong = (6, 24, 2, 6, 1) if quick else (40, 48, 8, 16, 4)
+    n_items, n_resp, n_s, n_new, max_wrong = (6, 24, 2, 6, 1) if quick else (40, 48, 16, 16, 4)
     items = lb.tasks.arithmetic(n_items, digits=2, seed=seed)
     rows, wrong = [], 0
     for it in items:
@@ -52,7 +52,8 @@ def run(quick: bool = False, seed: int = 0) -> dict:
             continue
         wrong += 1
         r = lb.critical_tokens(m, prompt, response, checker=chk, n_samples=n_s, max_new_tokens=n_new,
-                               temperature=0.7, search="coarse", stride=8, seed=seed, progress=False)
+                               temperature=0.7, search="coarse", stride=8, rule="paper", seed=seed,
+                               progress=False)
         ci = r.critical_index
         if ci is None or ci < 0:
             rows.append({"question": it["question"], "critical": None})
