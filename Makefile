@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test browser-deps vllm-venv lint bench support-table clean gpu-wheels gpu-check
+.PHONY: setup demo test browser-deps vllm-venv lint bench support-table reproduce clean gpu-wheels gpu-check
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,9 @@ bench: setup
 	$(PY) bench/bench_filler.py
 	$(PY) bench/bench_critical.py
 	$(PY) bench/bench_long_context.py
+
+reproduce: setup
+	$(PY) bench/reproduce.py
 
 support-table: setup
 	$(PY) scripts/support_table.py
