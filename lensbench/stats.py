@@ -155,3 +155,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pearson_interval(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Fisher-z interval for a Pearson correlation ``r`` of ``n`` pairs: ``tanh(atanh(r) ± z/√(n−3))``.
+
+    NaN bounds when ``n < 4`` or ``r`` is not finite."""
+    import math
+    from statistics import NormalDist
+    if n < 4 or not math.isfinite(r):
+        return math.nan, math.nan
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    c, se = math.atanh(max(min(r, 0.999999), -0.999999)), 1 / math.sqrt(n - 3)
+    return math.tanh(c - z * se), math.tanh(c + z * se)

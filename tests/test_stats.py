@@ -58,3 +58,18 @@ def test_wilson_matches_closed_form_and_upper_bound():
     assert np.isnan(lo[3]) and np.isnan(hi[3])
     # one-sided upper bound at alpha = 0.05 is the two-sided bound at z = 1.645
     assert wilson_upper(0, 64, 0.05)[0] == pytest.approx(wilson_interval(0, 64, z=1.6448536)[1][0])
+
+
+def test_pearson_interval_matches_scipy():
+    import numpy as np
+    from scipy import stats as sps
+
+    from lensbench.stats import pearson_interval
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=30)
+    y = 0.5 * x + rng.normal(size=30)
+    res = sps.pearsonr(x, y)
+    ci = res.confidence_interval(0.95)
+    lo, hi = pearson_interval(float(res.statistic), 30)
+    assert abs(lo - ci.low) < 1e-4 and abs(hi - ci.high) < 1e-4
+    assert all(v != v for v in pearson_interval(0.3, 3))  # n < 4: NaN

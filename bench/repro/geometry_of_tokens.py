@@ -25,6 +25,7 @@ import numpy as np
 
 import lensbench as lb
 from bench.repro import common
+from lensbench.stats import pearson_interval
 
 PAPER = "The Geometry of Tokens in Internal Representations of Large Language Models (Viswanathan et al. 2025)"
 CLAIM = ("per-prompt intrinsic dimension rises, peaks in early-middle layers and falls; shuffled text raises the "
@@ -33,13 +34,6 @@ THEIRS = {"quote": "GPT-2 small 3.6 → 7.1 plateau → 6.3; Pythia-160m peak 8.
                    "Llama-3-8B shuffled peak ≈ 1.5× higher",
           "gpt2_first_peak_last": [3.6, 7.1, 6.3], "pythia160m_peak": 8.1, "pythia160m_peak_layer": 8,
           "pearson": 0.5, "shuffled_peak_ratio_llama3_8b": 1.5}
-
-
-def _fisher(r: float, n: int) -> tuple[float, float]:
-    if n < 4 or not math.isfinite(r):
-        return math.nan, math.nan
-    z, se = math.atanh(max(min(r, 0.999999), -0.999999)), 1 / math.sqrt(n - 3)
-    return math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
 
 
 def run(quick: bool = False, seed: int = 0) -> dict:
@@ -77,7 +71,7 @@ def run(quick: bool = False, seed: int = 0) -> dict:
     r = np.asarray(cor.pearson_r, dtype=float)
     r = r[1:]
     j = int(np.nanargmax(np.abs(r))) if np.isfinite(r).any() else 0
-    lo, hi = _fisher(float(r[j]), int(cor.n_prompts))
+    lo, hi = pearson_interval(float(r[j]), int(cor.n_prompts))
     cor_v = common.interval_verdict(lo, hi, 0.0, "above", what=f"Pearson r at layer {layers[j]}")
     cor_v = (cor_v[0], cor_v[1] + (f"; contains the paper's 0.5: {lo <= 0.5 <= hi}" if math.isfinite(lo) else ""))
 

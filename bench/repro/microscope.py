@@ -23,6 +23,7 @@ import numpy as np
 
 import lensbench as lb
 from bench.repro import common
+from lensbench.stats import pearson_interval
 
 PAPER = "LLM-Microscope: Uncovering the Hidden Role of Punctuation in Context Memory of Transformers (Razzhigaev et al. 2025)"
 CLAIM = ("layer-to-layer maps are near-linear with the residual, far less without; removing stop words / "
@@ -33,13 +34,6 @@ THEIRS = {"quote": "OPT-125m linearity 0.9965–0.9998 for all layer pairs (~14k
           "linearity_range": [0.9965, 0.9998], "no_residual_mid": [0.43, 0.49],
           "mmlu": {"orig": 0.398, "stopwords": 0.347, "punctuation": 0.391, "articles": 0.386},
           "pearson_nonlin_context": [0.2, 0.5]}
-
-
-def _fisher(r: float, n: int) -> tuple[float, float]:
-    if n < 4 or not math.isfinite(r):
-        return math.nan, math.nan
-    z, se = math.atanh(max(min(r, 0.999999), -0.999999)), 1 / math.sqrt(n - 3)
-    return math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
 
 
 def run(quick: bool = False, seed: int = 0) -> dict:
@@ -85,7 +79,7 @@ def run(quick: bool = False, seed: int = 0) -> dict:
     x, y = nonlin[pos[ok]], sc[ok]
     good = np.isfinite(x) & np.isfinite(y)
     r = float(np.corrcoef(x[good], y[good])[0, 1]) if good.sum() > 3 else math.nan
-    rlo, rhi = _fisher(r, int(good.sum()))
+    rlo, rhi = pearson_interval(r, int(good.sum()))
     cor_v = common.interval_verdict(rlo, rhi, 0.0, "above", what="Pearson(nonlinearity, contextuality)")
 
     ours = {"linearity_heldout": [round(float(x), 4) for x in sh],
