@@ -13,8 +13,8 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 import lensbench as lb
-from lensbench.plots import lens_heatmap, lens_heatmap_data
-from lensbench.probes.lens import STAT_LABELS, TunedLens
+from lensbench.plots import STAT_LABELS, lens_heatmap, lens_heatmap_data
+from lensbench.probes.lens import TunedLens
 
 from ._figsync import sync_figure_widgets
 

@@ -22,6 +22,7 @@ from ..cache import ItemCache
 from ..capture import CaptureBatch, capture, tokenize, windows
 from ..errors import InputError, LensbenchError
 from ..model import LensModel
+from ..plots.lens import STAT_LABELS  # noqa: F401  (re-exported)
 from ..results import Result, load_tensors, save_tensors
 
 
@@ -36,15 +37,6 @@ def _readout_resident(fn):
     return wrapper
 
 STATS = ("entropy", "kl_to_final", "ce_next", "top1_confidence", "target_prob", "target_rank")
-STAT_LABELS = {
-    "entropy": "entropy H(p_l) [nats]",
-    "kl_to_final": "KL(p_L || p_l) [nats]",
-    "ce_next": "cross-entropy vs next token [nats]",
-    "top1_confidence": "-log max p_l [nats]",
-    "target_prob": "target probability",
-    "target_rank": "target rank (0 = top)",
-    "top1_prob": "top-1 probability",
-}
 
 
 # --------------------------------------------------------------------------------------------- tuned lens

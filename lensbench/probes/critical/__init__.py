@@ -5,7 +5,7 @@
   with a :mod:`checker <.checkers>`, and name the critical unit under a decision rule with stated power; the
   sentence mode (:mod:`.sentences`) is thought anchors' resampling / counterfactual importance.
 * :func:`contrastive_tokens` (:mod:`.contrastive`): p_ce(t) = softmax((1+β)·log p_pos − β·log p_neg)[y_t].
-* :mod:`.figures`: HTML and plotly views. Shared statistics (Wilson, pass@k) live in :mod:`lensbench.stats`.
+* :mod:`lensbench.plots.critical`: HTML and plotly views. Shared statistics (Wilson, pass@k) live in :mod:`lensbench.stats`.
 
 Every model pass goes through :mod:`lensbench.engine` (prefix cache, seeded batched sampling with out-of-memory
 splitting) and the model's backend.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from ...engine import PrefixCache, RolloutRequest
 from ...engine.generate import hf_sampler, seeded_choice
+from ...plots.critical import critical_figure, critical_html, token_html
 from ...stats import pass_at_k, wilson_interval, wilson_upper
 from .checkers import Checker, checkers, exact, extract_number, number, regex
 from .contrastive import ContrastiveResult, contrastive_tokens
-from .figures import critical_figure, critical_html, token_html
 from .rollouts import (
     CRITICAL_THRESHOLD,
     RULES,

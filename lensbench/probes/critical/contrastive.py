@@ -11,8 +11,8 @@ import torch
 from ...capture import forward_batch
 from ...errors import InputError
 from ...model import LensModel, check_text
+from ...plots.critical import _clean, token_html
 from ...results import Result
-from .figures import _clean, token_html
 
 __all__ = ["contrastive_tokens", "ContrastiveResult"]
 

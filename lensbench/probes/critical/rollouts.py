@@ -29,10 +29,10 @@ from ...engine.batches import initial_batch_size
 from ...engine.generate import _mix, hf_sampler, seeded_choice
 from ...errors import InputError, LensbenchError
 from ...model import LensModel, check_text
+from ...plots.critical import critical_figure, critical_html
 from ...results import Result
 from ...stats import pass_at_k, wilson_interval, wilson_upper
 from .checkers import _checker_name, _run_checker
-from .figures import critical_figure, critical_html
 from .sentences import (
     _answer_kl,
     _calibration,

@@ -9,14 +9,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._common import _clean
+
 if TYPE_CHECKING:
-    from .rollouts import CriticalTokensResult
+    from ..probes.critical.rollouts import CriticalTokensResult
 
 __all__ = ["token_html", "critical_html", "critical_figure"]
 
-
-def _clean(tok: str) -> str:
-    return tok.replace("\n", "\\n").replace("\t", "\\t")
 
 
 def token_html(tokens: Sequence[str], weights, *, css_class: str = "lb-crit-tok", selected: int | None = None,
