@@ -135,6 +135,8 @@ def render_markdown(sections: list[dict], header: str = "") -> str:
         out.append(f"| {s.get('paper', '?')} | **{s.get('verdict', '?')}** | {r[:300]} |")
     out.append("")
     for s in sections:
+        if s.get("module"):
+            out += [f'<a id="{s["module"]}"></a>', ""]  # stable link target: REPRODUCTIONS.md#tuned_lens
         out += [f"## {s.get('paper', '?')}", ""]
         if s.get("claim"):
             out += [f"*Claim:* {s['claim']}", ""]
