@@ -12,10 +12,10 @@ import numpy as np
 from ._common import _clean
 
 if TYPE_CHECKING:
+    from ..probes.critical.contrastive import ContrastiveResult
     from ..probes.critical.rollouts import CriticalTokensResult
 
-__all__ = ["token_html", "critical_html", "critical_figure"]
-
+__all__ = ["token_html", "critical_html", "critical_figure", "contrastive_figure"]
 
 
 def token_html(tokens: Sequence[str], weights, *, css_class: str = "lb-crit-tok", selected: int | None = None,
@@ -65,4 +65,19 @@ def critical_figure(res: CriticalTokensResult, *, height: int = 380):
         title += f" · critical: {ci} {_clean(res.units[ci])!r}"
     fig.update_layout(title=title, yaxis={"title": "success rate", "range": [-0.02, 1.02]}, height=height,
                       legend={"orientation": "h"}, margin={"t": 50, "b": 40})
+    return fig
+
+
+def contrastive_figure(res: ContrastiveResult, *, height: int = 380):
+    """Per scored token (x = ``"t:token"`` for t = 1..T-1): bars of the criticality 1 − p_ce (left axis, [0, 1])
+    and a line of log p_pos − log p_neg (right axis)."""
+    import plotly.graph_objects as go
+    x = [f"{t}:{_clean(tok)}" for t, tok in enumerate(res.tokens)][1:]
+    fig = go.Figure([go.Bar(x=x, y=(1 - res.p_ce).numpy(), name="1 − p_ce"),
+                     go.Scatter(x=x, y=res.logprob_diff.numpy(), name="log p_pos − log p_neg", yaxis="y2",
+                                mode="lines+markers")])
+    fig.update_layout(title=f"contrastive estimation (β = {res.beta:g}): criticality 1 − p_ce per token",
+                      yaxis={"title": "1 − p_ce", "range": [0, 1]},
+                      yaxis2={"title": "log-prob difference", "overlaying": "y", "side": "right"},
+                      height=height, legend={"orientation": "h"})
     return fig

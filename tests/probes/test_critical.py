@@ -366,7 +366,7 @@ def test_bad_inputs(tiny):
     with pytest.raises(InputError, match="contrastive_tokens"):
         lb.critical_tokens(m, PROMPT, RESPONSE, checker=chk, mode="contrastive")
     for bad in (0, "big", True):
-        with pytest.raises(InputError, match="batch_size must be a positive int or 'auto'"):
+        with pytest.raises(InputError, match="batch_size must be one of 'auto' or an int >= 1"):
             lb.critical_tokens(m, PROMPT, RESPONSE, checker=chk, batch_size=bad)
 
     def broken(text):
@@ -686,7 +686,7 @@ def test_default_embedder_skips_the_sink_and_is_centred(tiny):
     assert torch.allclose(e[0], plain("the cat") - mu, atol=1e-5)
     assert torch.allclose(e[1], plain("ran off") - mu, atol=1e-5)
     assert torch.equal(e[2], torch.zeros(m.d_model)) and torch.allclose(emb.mean, mu, atol=1e-6)
-    old = model_sentence_embedder(m, layer=1, skip_first=False, centre=False)   # the previous embedder, reachable
+    old = model_sentence_embedder(m, layer=1, exclude_first=False, centre=False)   # the previous embedder, reachable
     ids = m.encode("the cat", add_bos=False)[None]
     with torch.no_grad():
         hs = m.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
@@ -713,7 +713,7 @@ def test_default_embedder_calibrated_on_the_default_model(default_model):
     paraphrases from different sentences and its calibrated threshold does so on the calibration set."""
     from lensbench.probes.critical import calibrate_similarity, model_sentence_embedder
     m = default_model
-    old = calibrate_similarity(model_sentence_embedder(m, skip_first=False, centre=False))
+    old = calibrate_similarity(model_sentence_embedder(m, exclude_first=False, centre=False))
     assert min(old["different_cos"]) > 0.8      # before: no different sentence would count as counterfactual
     new = calibrate_similarity(model_sentence_embedder(m))
     assert new["balanced_accuracy"] >= 0.9

@@ -529,7 +529,7 @@ def test_sweep_on_a_recurrent_model_scores_from_scratch(tiny):
 # --------------------------------------------------------------------------------------------- engine
 def _with_oom(m, k, fn):
     """``fn()`` with a real ``torch.OutOfMemoryError`` raised by a forward pre-hook on the ``k``-th model call."""
-    from test_engine import OOMOnce
+    from lensbench.testing import OOMOnce
     hook = OOMOnce(m.model, k=k)
     try:
         out = fn()

@@ -4,15 +4,18 @@ peft adapters of one base) teacher-forced on the same text, and the log-likeliho
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
+from tqdm.auto import tqdm
 
 from ...capture import forward_batch
+from ...engine import check_cancelled
 from ...errors import InputError
 from ...model import LensModel, check_text
-from ...plots.critical import _clean, token_html
+from ...plots.critical import contrastive_figure, token_html
 from ...results import Result
+from ...validation import Check, Interval, validate_params
+from .rollouts import _finite_number
 
 __all__ = ["contrastive_tokens", "ContrastiveResult"]
 
@@ -52,16 +55,9 @@ class ContrastiveResult(Result):
                              "logp_neg": self.logp_neg.numpy()})
 
     def figure(self, **kw):
-        import plotly.graph_objects as go
-        x = [f"{t}:{_clean(tok)}" for t, tok in enumerate(self.tokens)][1:]
-        fig = go.Figure([go.Bar(x=x, y=(1 - self.p_ce).numpy(), name="1 − p_ce"),
-                         go.Scatter(x=x, y=self.logprob_diff.numpy(), name="log p_pos − log p_neg", yaxis="y2",
-                                    mode="lines+markers")])
-        fig.update_layout(title=f"contrastive estimation (β = {self.beta:g}): criticality 1 − p_ce per token",
-                          yaxis={"title": "1 − p_ce", "range": [0, 1]},
-                          yaxis2={"title": "log-prob difference", "overlaying": "y", "side": "right"},
-                          height=kw.get("height", 380), legend={"orientation": "h"})
-        return fig
+        """Criticality 1 − p_ce and the log-prob difference per scored token
+        (:func:`lensbench.plots.critical.contrastive_figure`)."""
+        return contrastive_figure(self, **kw)
 
     def _repr_html_(self) -> str:
         return (f"<b>ContrastiveResult</b> (β = {self.beta:g}, {len(self.tokens) - 1} scored tokens; colour = "
@@ -114,21 +110,32 @@ class _adapter:
             self.m.model.set_adapter(self.old)
 
 
+_CONTRASTIVE_TOKENS_PARAMS = {
+    "m_pos": [LensModel],
+    "m_neg": [LensModel],
+    "beta": [Check(_finite_number, "a finite number")],
+    "pos_adapter": [None, str],
+    "neg_adapter": [None, str],
+    "add_bos": [None, bool],
+    "chunk": [Interval(int, 1, None)],
+    "progress": [bool],
+}
+
+
+@validate_params(_CONTRASTIVE_TOKENS_PARAMS)
 def contrastive_tokens(m_pos: LensModel, m_neg: LensModel, text: str, *, beta: float = 1.0,
                        pos_adapter: str | None = None, neg_adapter: str | None = None, add_bos: bool | None = None,
-                       chunk: int = 256) -> ContrastiveResult:
+                       chunk: int = 256, progress: bool = True) -> ContrastiveResult:
     """Contrastive estimation: teacher-force ``text`` through both models and score each token y_t (t >= 1) by
     p_ce(t) = softmax_v((1+β)·z_pos(t) − β·z_neg(t))[y_t] (criticality 1 − p_ce) and the log-likelihood
     difference log p_pos(y_t) − log p_neg(y_t).
 
     Two LoRA adapters on one peft base: pass the same LensModel twice with ``pos_adapter="pos",
-    neg_adapter="neg"``. Tokenizers must match. Logits are computed ``chunk`` positions at a time in float32.
+    neg_adapter="neg"``. Tokenizers must match. Each model runs one forward over the whole text; the logits
+    are then computed ``chunk`` positions at a time in float32 (a ``[chunk, V]`` block per model; ``progress``:
+    a bar over those blocks when there is more than one).
     """
     check_text(text, "text")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta):
-        raise InputError(f"beta must be a finite number, got {beta!r}.")
-    if not (isinstance(m_pos, LensModel) and isinstance(m_neg, LensModel)):
-        raise InputError("m_pos and m_neg must be LensModels (wrap each with lb.load(model, tokenizer)).")
     if not _same_tokenizer(m_pos.tokenizer, m_neg.tokenizer):
         raise InputError(f"m_pos ({m_pos.name}) and m_neg ({m_neg.name}) have different tokenizers; contrastive "
                          "estimation compares the two models token by token, so they must share one vocabulary "
@@ -144,7 +151,8 @@ def contrastive_tokens(m_pos: LensModel, m_neg: LensModel, text: str, *, beta: f
     p_ce, lp_pos, lp_neg = torch.empty(T1), torch.empty(T1), torch.empty(T1)
     hp = _last_hidden(m_pos, ids, pos_adapter)
     hn = _last_hidden(m_neg, ids, neg_adapter)
-    for s in range(0, T1, chunk):
+    for s in tqdm(range(0, T1, chunk), desc="contrastive tokens", disable=not progress or T1 <= chunk, leave=False):
+        check_cancelled()
         sl = slice(s, s + chunk)
         with torch.no_grad(), _adapter(m_pos, pos_adapter):
             zp = m_pos.unembed(hp[sl])

@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 
 from ...cache import read_json, write_json_atomic
 from ...capture import forward_batch
-from ...engine import PrefixCache, RolloutRequest, check_cancelled
-from ...engine.batches import initial_batch_size
+from ...engine import PrefixCache, RolloutRequest, check_cancelled, run_batches
 from ...engine.generate import _mix, hf_sampler, seeded_choice
 from ...errors import InputError, LensbenchError
 from ...model import LensModel, check_text
 from ...plots.critical import critical_figure, critical_html
 from ...results import Result
 from ...stats import pass_at_k, wilson_interval, wilson_upper
+from ...validation import Check, Interval, Options, SequenceOf, check_params, validate_params
 from .checkers import _checker_name, _run_checker
 from .sentences import (
     _answer_kl,
@@ -58,14 +58,16 @@ class PowerWarning(UserWarning):
     """The chosen ``n_samples`` is too small for the critical-token rule to be able to declare anything."""
 
 
-def _check_rule(rule: str, alpha: float, threshold: float) -> None:
-    if rule not in RULES:
-        raise InputError(f"rule={rule!r}: use 'wilson' (one-sided Wilson upper bound < threshold) or 'paper' "
-                         "(observed keep-accuracy == 0).")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
-        raise InputError(f"alpha must be a number in (0, 0.5), got {alpha!r}.")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
-        raise InputError(f"threshold must be a number in (0, 1), got {threshold!r}.")
+#: the decision rule's parameters, shared by :func:`critical_tokens` and the rule's helpers below
+_RULE_PARAMS = {
+    "rule": [Options(RULES)],
+    "alpha": [Interval(float, 0, 0.5, closed="neither")],
+    "threshold": [Interval(float, 0, 1, closed="neither")],
+}
+
+
+def _check_rule(rule: str, alpha: float, threshold: float, caller: str = "prefix_fails") -> None:
+    check_params(_RULE_PARAMS, {"rule": rule, "alpha": alpha, "threshold": threshold}, caller=caller)
 
 
 def prefix_fails(successes, n, *, rule: str = "wilson", alpha: float = 0.05,
@@ -105,7 +107,7 @@ def rule_max_failures(n: int, *, rule: str = "wilson", alpha: float = 0.05,
 def rule_min_n(*, rule: str = "wilson", alpha: float = 0.05, threshold: float = CRITICAL_THRESHOLD,
                n_max: int = 100_000) -> int:
     """The smallest number of samples at which the rule can declare a prefix failing (0 successes)."""
-    _check_rule(rule, alpha, threshold)
+    _check_rule(rule, alpha, threshold, "rule_min_n")
     if rule == "paper":
         return 1
     from scipy import stats as _st
@@ -162,7 +164,7 @@ def critical_index(keep_acc: Sequence[float], threshold: float = CRITICAL_THRESH
         nn = np.broadcast_to(np.asarray(n, dtype=float), acc.shape)
         fails = prefix_fails(np.round(acc * nn), nn, rule=rule, alpha=alpha, threshold=threshold)
     else:
-        _check_rule(rule, alpha, threshold)
+        _check_rule(rule, alpha, threshold, "critical_index")
         fails = acc == 0
     crit = None
     for i, a in enumerate(acc):
@@ -286,19 +288,9 @@ class CriticalTokensResult(Result):
 
 # ============================================================================================ rollouts
 def _settings(temperature, top_p, max_new_tokens, stop) -> dict:
-    """Validated sampling settings."""
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}.")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
-    if isinstance(stop, str):
-        stop = [stop]
-    stop = list(stop or [])
-    if not all(isinstance(s, str) and s for s in stop):
-        raise InputError("stop must be a string or a list of non-empty strings.")
-    return {"temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": max_new_tokens,
+    """The sampling settings (checked by :data:`_CRITICAL_TOKENS_PARAMS`) as stored in results and cache keys."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    return {"temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
             "stop": stop}
 
 
@@ -346,15 +338,20 @@ class _Engine:
         prefix = self.prompt_ids + self.resp_ids[:upto]
         seeds = [_mix(self.seed, len(prefix), arm, j) for arm, j in _arm_index(arms)]
         longest = len(prefix) + max(len(f) for f in first) + int(self.st["max_new_tokens"])
-        bs = initial_batch_size(self.batch_size, len(first), longest, self.m.device)
-        out: list = []
-        for s in range(0, len(first), bs):
-            check_cancelled()
-            req = RolloutRequest(self.m, prefix, first[s:s + bs], seeds[s:s + bs], self.st, self.state)
+        out: list = [None] * len(first)
+
+        def step(idx: list[int]) -> None:
+            req = RolloutRequest(self.m, prefix, [first[j] for j in idx], [seeds[j] for j in idx], self.st,
+                                 self.state)
             gens = self.sampler(req)
             if len(gens) != len(req.first):
                 raise LensbenchError(f"sampler returned {len(gens)} continuations for {len(req.first)} rows")
-            out += gens
+            for j, g in zip(idx, gens):
+                out[j] = g
+
+        # every row is seeded on its own, so neither the batch size nor an out-of-memory halving changes a sample
+        run_batches(self.m, [range(longest)] * len(first), step, batch_size=self.batch_size, progress=False,
+                    longest_first=False)
         self.n_rollouts += len(first)
         return self.texts(upto, first, out)
 
@@ -407,6 +404,44 @@ def _require_hf_engine(m: LensModel) -> None:
         "of the weights), or pass your own sampler=.")
 
 
+def _finite_number(v) -> bool:
+    return Interval(float, None, None)(v) and math.isfinite(v)
+
+
+def _stop_string(v) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+_CRITICAL_TOKENS_PARAMS = {
+    "m": [LensModel],
+    "response": [str],
+    "checker": ["callable"],
+    "n_samples": [Interval(int, 1, None)],
+    "mode": [Check(lambda v: v == "rollout", "'rollout' (the contrastive estimate is "
+                   "lb.contrastive_tokens(m_pos, m_neg, text))")],
+    "granularity": [Options({"token", "sentence"})],
+    "temperature": [Interval(float, 0, None)],
+    "top_p": [Interval(float, 0, 1, closed="right")],
+    "max_new_tokens": [Interval(int, 1, None)],
+    "stop": [None, Check(_stop_string, "a non-empty string"),
+             SequenceOf(Check(_stop_string, "non-empty string"), min_len=0)],
+    "seed": [int],
+    "search": [Options({"full", "coarse"})],
+    "stride": [Interval(int, 1, None)],
+    **_RULE_PARAMS,
+    "fpr_at": [Interval(float, 0, 1)],
+    "similarity_threshold": [Options({"auto"}), Check(_finite_number, "a finite number")],
+    "embedder": [None, "callable"],
+    "answer": [None, "callable"],
+    "kl_smoothing": [Interval(float, 0, None, closed="neither")],
+    "sampler": [None, "callable"],
+    "batch_size": [Options({"auto"}), Interval(int, 1, None)],
+    "cache_dir": [None, str, os.PathLike],
+    "progress": [bool],
+}
+
+
+@validate_params(_CRITICAL_TOKENS_PARAMS)
 def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callable[[str], bool],
                     n_samples: int = 64, mode: str = "rollout", granularity: str = "token",
                     temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
@@ -466,35 +501,10 @@ def critical_tokens(m: LensModel, prompt: str, response: str, *, checker: Callab
             depend on it. cache_dir: directory for per-unit results (resumable; keyed by the model's weight
             fingerprint, not its name).
     """
-    if mode != "rollout":
-        raise InputError(f"mode={mode!r}: critical_tokens supports mode='rollout'; for the contrastive estimate "
-                         "use lb.contrastive_tokens(m_pos, m_neg, text).")
-    if granularity not in ("token", "sentence"):
-        raise InputError(f"granularity={granularity!r}: use 'token' or 'sentence'.")
     check_text(prompt, "prompt")
-    if not isinstance(response, str) or not response.strip():
+    if not response.strip():
         raise InputError("response is empty; pass the model's response (reasoning trajectory) to analyse.")
-    if not callable(checker):
-        raise InputError("checker must be a callable text -> bool, e.g. lb.checkers.number(42).")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise InputError(f"n_samples must be a positive int, got {n_samples!r}.")
-    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}.")
-    if search not in ("full", "coarse"):
-        raise InputError(f"search={search!r}: use 'full' or 'coarse'.")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise InputError(f"stride must be a positive int, got {stride!r}.")
-    _check_rule(rule, alpha, threshold)
-    if isinstance(fpr_at, bool) or not isinstance(fpr_at, (int, float)) or not 0 <= fpr_at <= 1:
-        raise InputError(f"fpr_at must be a success rate in [0, 1], got {fpr_at!r}.")
-    if not (similarity_threshold == "auto" or (isinstance(similarity_threshold, (int, float))
-                                               and not isinstance(similarity_threshold, bool)
-                                               and math.isfinite(similarity_threshold))):
-        raise InputError(f"similarity_threshold must be 'auto' or a number, got {similarity_threshold!r}.")
-    if isinstance(kl_smoothing, bool) or not isinstance(kl_smoothing, (int, float)) or not kl_smoothing > 0:
-        raise InputError(f"kl_smoothing must be a positive number, got {kl_smoothing!r}.")
-    if answer is not None and not callable(answer):
-        raise InputError("answer must be a callable text -> answer, e.g. lb.checkers.extract_number.")
+    n_samples, stride = int(n_samples), int(stride)
     decision = decision_summary(n_samples, rule=rule, alpha=alpha, threshold=threshold, fpr_at=fpr_at)
     if not decision["can_fire"]:
         warnings.warn(f"critical_tokens: n_samples={n_samples} is too small for rule={rule!r} (alpha={alpha:g}) to "

@@ -15,6 +15,7 @@ import torch
 from ...capture import forward_batch
 from ...engine import run_batches
 from ...model import LensModel
+from ...validation import Interval, Options, SequenceOf, renamed_params, validate_params
 
 __all__ = ["split_sentences", "model_sentence_embedder", "calibrate_similarity", "SIMILARITY_CALIBRATION"]
 
@@ -80,13 +81,16 @@ def _reference_sentences(k: int = 64) -> list[str]:
     return sents[::step][:k]
 
 
-def model_sentence_embedder(m: LensModel, layer: int | None = None, *, skip_first: bool = True,
+@renamed_params({"skip_first": "exclude_first"})
+@validate_params({"m": [LensModel], "exclude_first": [bool], "centre": [bool],
+                  "reference": [None, SequenceOf(str)], "batch_size": [Options({"auto"}), Interval(int, 1, None)]})
+def model_sentence_embedder(m: LensModel, layer: int | None = None, *, exclude_first: bool = True,
                             centre: bool = True, reference: Sequence[str] | None = None,
                             batch_size: int | str = "auto") -> Callable[[list[str]], torch.Tensor]:
     """Offline default sentence embedder: the residual stream of ``m`` at ``layer`` (default: the middle layer),
     mean-pooled over the sentence's tokens, minus the mean embedding of a reference set of sentences.
 
-    * ``skip_first=True``: the sentence is encoded after one sink token (BOS, else EOS) and that position 0 is
+    * ``exclude_first=True``: the sentence is encoded after one sink token (BOS, else EOS) and that position 0 is
       left out of the pool. The first position of a sequence carries massive, input-independent activations
       (the attention sink); pooled in, they dominate every embedding and make any two sentences look alike
       (cosine ~1 on the default model, so a 0.8 filter never finds a counterfactual).
@@ -94,7 +98,7 @@ def model_sentence_embedder(m: LensModel, layer: int | None = None, *, skip_firs
       ``reference`` sentences (default: 64 sentences of the shipped sample texts, computed on the first call)
       makes the cosine measure what distinguishes sentences.
 
-    ``skip_first=False, centre=False`` is the previous embedder (mean over all tokens, no BOS, uncentred).
+    ``exclude_first=False, centre=False`` is the previous embedder (mean over all tokens, no BOS, uncentred).
     The forwards run through the model's backend, ``batch_size`` sentences at a time (``"auto"``: a token
     budget, halved on out-of-memory). Returns ``[n, d_model]`` float32 on the CPU; empty strings embed to zeros. The embedder exposes ``.mean``
     (the centring vector, after the first call) and a ``__name__`` that goes into cache keys.
@@ -115,7 +119,7 @@ def model_sentence_embedder(m: LensModel, layer: int | None = None, *, skip_firs
             if not ids:
                 continue
             first = 0
-            if skip_first:
+            if exclude_first:
                 if sink is not None:
                     ids, first = [int(sink)] + list(ids), 1
                 elif len(ids) > 1:
@@ -144,7 +148,8 @@ def model_sentence_embedder(m: LensModel, layer: int | None = None, *, skip_firs
         e[blank] = 0
         return e
     embed.mean = None
-    embed.__name__ = (f"model_sentence_embedder(layer={layer}, skip_first={skip_first}, centre={centre}"
+    # the name goes into rollout cache keys: it keeps the option's old spelling so that existing caches still match
+    embed.__name__ = (f"model_sentence_embedder(layer={layer}, skip_first={exclude_first}, centre={centre}"
                       + (", reference=custom" if reference is not None else "") + ")")
     return embed
 

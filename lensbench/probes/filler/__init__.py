@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from ...engine import score_spans
 from .ablation import FillerAblationResult, filler_ablation
-from .probe import PROBE_COMPARE, FillerProbeResult, filler_probe
+from .probe import PROBE_ARMS, PROBE_COMPARE, FillerProbeResult, filler_probe
 from .sweep import SPECIAL_FILLERS, FillerSweepResult, filler_sweep
 from .sweep import _filler_ids as _filler_ids  # used by tests and bench/bench_filler.py
 from .text import (
@@ -49,7 +49,7 @@ from .text import (
 __all__ = ["filler_ablation", "filler_sweep", "filler_probe", "FillerAblationResult", "FillerSweepResult",
            "FillerProbeResult", "split_units", "is_punctuation", "normalize_classes", "class_mask", "remove_units",
            "stop_words", "FUNCTION_WORDS", "STOPWORD_SOURCES", "ARTICLES", "CLASSES", "SPECIAL_FILLERS",
-           "PROBE_COMPARE"]
+           "PROBE_COMPARE", "PROBE_ARMS"]
 
 
 def _score_batch(m, seqs, n_ans, batch_size: int | str = "auto"):

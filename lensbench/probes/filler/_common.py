@@ -1,4 +1,5 @@
-"""Helpers shared by the filler probes: token ids, argument checks, summary-table formatting."""
+"""Helpers shared by the filler probes: token ids, the constraints their parameter tables share, summary-table
+formatting."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import numpy as np
 
 from ...errors import InputError
 from ...model import LensModel
+from ...validation import Interval, Options
+
+#: constraints every filler probe states the same way (see :mod:`lensbench.validation`)
+SHARED_PARAMS = {
+    "m": [LensModel],
+    "seed": [Interval(int, 0, None)],
+    "batch_size": [Options({"auto"}), Interval(int, 1, None)],
+    "progress": [bool],
+}
+#: the bootstrap settings of the probes that report confidence intervals
+CI_PARAMS = {"n_boot": [Interval(int, 1, None)], "ci": [Interval(float, 0, 1, closed="neither")]}
 
 
 def _ids(m: LensModel, text: str, *, bos: bool, param: str) -> list[int]:
@@ -14,13 +26,6 @@ def _ids(m: LensModel, text: str, *, bos: bool, param: str) -> list[int]:
     if not isinstance(text, str):
         raise InputError(f"{param} must be a string, got {type(text).__name__}.")
     return list(m.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _check_int(v, name: str, lo: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise InputError(f"{name} must be an int >= {lo}, got {v!r}.")
-    return int(v)
-
 
 
 def _tup(iv) -> tuple[float, float]:

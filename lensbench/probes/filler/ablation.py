@@ -19,9 +19,11 @@ from tqdm.auto import tqdm
 from ...engine import score_spans
 from ...errors import InputError
 from ...model import LensModel
+from ...plots.filler import ablation_figure
 from ...results import Result
 from ...stats import mean_ci
-from ._common import _check_int, _clip, _ids, _summary_frame, _tup
+from ...validation import Check, Interval, Options, validate_params
+from ._common import CI_PARAMS, SHARED_PARAMS, _clip, _ids, _summary_frame, _tup
 from .text import STOPWORD_SOURCES, class_mask, normalize_classes, remove_units, split_units, stop_words
 
 
@@ -181,39 +183,8 @@ class FillerAblationResult(Result):
 
     def figure(self, metric: str = "delta_loss"):
         """Bars per class (class removal vs random control) with CIs over texts (:meth:`summary`); ``metric``:
-        ``"delta_loss"`` or ``"accuracy"`` (items with answers)."""
-        import plotly.graph_objects as go
-        rows = self.summary()
-        names = [r["class"] for r in rows]
-        fig = go.Figure()
-        if metric == "accuracy":
-            if "acc_orig" not in rows[0]:
-                raise InputError("metric='accuracy' needs items with answers; these were plain texts.")
-            for key, ci, label in (("acc_class", "acc_class_ci", "class removed"),
-                                   ("acc_control", "acc_control_ci", "random control")):
-                y = [r[key] for r in rows]
-                lo = [r[key] - (r["acc_orig"] + r[ci][0]) for r in rows]
-                hi = [(r["acc_orig"] + r[ci][1]) - r[key] for r in rows]
-                fig.add_trace(go.Bar(x=names, y=y, name=label, error_y=dict(type="data", array=hi, arrayminus=lo)))
-            fig.add_hline(y=rows[0]["acc_orig"], line_dash="dot", annotation_text="unedited")
-            title, yt = "greedy exact match after removing each class", "accuracy"
-        elif metric == "delta_loss":
-            for key, ci, label in (("delta_loss", "delta_ci", "class removed"),
-                                   ("control_delta_loss", "control_ci", "random control (same #tokens)")):
-                y = [r[key] for r in rows]
-                fig.add_trace(go.Bar(x=names, y=y, name=label, error_y=dict(
-                    type="data", array=[r[ci][1] - r[key] for r in rows],
-                    arrayminus=[r[key] - r[ci][0] for r in rows])))
-            r0 = rows[0]
-            title = (f"Δ loss on the unedited continuation ({round(self.settings.get('ci', 0.95) * 100)}% "
-                     f"{r0['ci_method']} CI over {r0['n_texts']} texts"
-                     + (f", {r0['n_tokens']} tokens)" if r0["n_tokens"] is not None else ")"))
-            yt = "Δ mean NLL (nats / token)"
-        else:
-            raise InputError(f"metric={metric!r}; use 'delta_loss' or 'accuracy'.")
-        fig.update_layout(title=f"filler ablation · {title}", barmode="group", yaxis_title=yt, xaxis_title="class",
-                          height=380, margin=dict(l=60, r=20, t=60, b=60))
-        return fig
+        ``"delta_loss"`` or ``"accuracy"`` (items with answers). See :func:`lensbench.plots.filler.ablation_figure`."""
+        return ablation_figure(self, metric)
 
     def removal_html(self, cls: int | str = 0, index: int = 0, *, control: bool = False) -> str:
         """The context with removed units struck through (class or control), then the continuation."""
@@ -292,6 +263,21 @@ def _token_units(m: LensModel, ctx: str, units) -> tuple[list[int], list[int | N
     return list(ids), owner
 
 
+def _is_word_list(v) -> bool:
+    return not isinstance(v, (str, bytes)) and all(isinstance(w, str) for w in v)
+
+
+_FILLER_ABLATION_PARAMS = {
+    **SHARED_PARAMS, **CI_PARAMS,
+    "mode": [Options({"remove", "replace"})],
+    "replacement": [str],
+    "stopwords": [None, Options(STOPWORD_SOURCES), Check(_is_word_list, "a list of words (strings)")],
+    "continuation_words": [Interval(int, 1, None)],
+    "n_control": [Interval(int, 1, None)],
+}
+
+
+@validate_params(_FILLER_ABLATION_PARAMS)
 def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords", "articles"),
                     mode: str = "remove", replacement: str = " _", stopwords: str | Sequence[str] | None = None,
                     continuation_words: int = 16, n_control: int = 3, seed: int = 0, n_boot: int = 1000,
@@ -319,24 +305,13 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
         batch_size: sequences per forward pass, or ``"auto"`` (a token budget, halved on out-of-memory; the
             scores do not depend on it).
     """
-    if not isinstance(m, LensModel):
-        raise InputError(f"m must be a LensModel (lb.load(...)), got {type(m).__name__}.")
-    if mode not in ("remove", "replace"):
-        raise InputError(f"mode={mode!r}; use 'remove' (word-level, re-tokenised) or 'replace' (keep positions).")
-    continuation_words = _check_int(continuation_words, "continuation_words", 1)
-    n_control = _check_int(n_control, "n_control", 1)
-    _check_int(seed, "seed")
-    if not 0 < ci < 1:
-        raise InputError(f"ci={ci!r} must be in (0, 1), e.g. 0.95.")
+    continuation_words, n_control = int(continuation_words), int(n_control)
     cls = normalize_classes(classes)
-    if stopwords is None or stopwords in STOPWORD_SOURCES:
+    if stopwords is None or isinstance(stopwords, str):
         src = stopwords or "function"
         sw = stop_words(src)
         sw_src = ("function words (lensbench FUNCTION_WORDS)" if src == "function" else "sklearn ENGLISH_STOP_WORDS")
     else:
-        if isinstance(stopwords, str) or not all(isinstance(w, str) for w in stopwords):
-            raise InputError(f"stopwords must be one of {STOPWORD_SOURCES} or a list of words (strings), e.g. "
-                             "['the', 'of', 'and'].")
         sw, sw_src = frozenset(w.lower() for w in stopwords), f"user list ({len(stopwords)} words)"
     rep_id = None
     if mode == "replace":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -16,9 +17,14 @@ from ...capture import forward_batch
 from ...engine import run_batches
 from ...errors import InputError
 from ...model import LensModel
+from ...plots.filler import probe_figure
 from ...results import Result
-from ._common import _check_int, _ids
+from ...validation import Interval, Options, validate_params
+from ._common import SHARED_PARAMS, _ids
 from .sweep import _filler_ids, _normalize_sweep_items
+
+#: the three probes of :func:`filler_probe`, in the order of the rows of ``accuracy`` / ``accuracy_std``
+PROBE_ARMS = ("filler", "question", "shuffled")
 
 
 @dataclasses.dataclass(eq=False)
@@ -26,20 +32,20 @@ class FillerProbeResult(Result):
     """Per-layer cross-validated accuracy of logistic probes predicting the answer from the residual stream.
 
     Attributes:
-        layers: probed layers. filler_acc, question_acc, shuffled_acc: ``[n_layers]`` mean CV accuracy at the
-            filler positions, at the comparison position (``compare``), and at filler positions with shuffled
-            labels. filler_std, question_std, shuffled_std: their std over folds. majority: majority-class rate.
+        layers: probed layers.
+        accuracy: ``[3, n_layers]`` mean CV accuracy of the probes in :data:`PROBE_ARMS`: at the filler positions,
+            at the comparison position (``compare``), and at filler positions with shuffled labels (also as
+            ``filler_acc``, ``question_acc``, ``shuffled_acc``). accuracy_std: ``[3, n_layers]`` their std over
+            folds (``filler_std``, ...). majority: majority-class rate.
         labels: the label of every item (strings); n_fillers, filler, pool (filler side: ``"mean"``/``"last"``);
         compare: what the filler positions are compared with (see :func:`filler_probe`); settings; model_name.
     """
 
+    arms: ClassVar[tuple[str, ...]] = PROBE_ARMS
+
     layers: list
-    filler_acc: torch.Tensor
-    question_acc: torch.Tensor
-    shuffled_acc: torch.Tensor
-    filler_std: torch.Tensor
-    question_std: torch.Tensor
-    shuffled_std: torch.Tensor
+    accuracy: torch.Tensor
+    accuracy_std: torch.Tensor
     majority: float
     labels: list
     n_fillers: int
@@ -49,36 +55,40 @@ class FillerProbeResult(Result):
     model_name: str = ""
     compare: str = "last_question"
 
+    filler_acc = property(lambda self: self.accuracy[0], doc="``[n_layers]`` accuracy at the filler positions.")
+    question_acc = property(lambda self: self.accuracy[1], doc="``[n_layers]`` accuracy at the comparison position.")
+    shuffled_acc = property(lambda self: self.accuracy[2], doc="``[n_layers]`` accuracy with shuffled labels.")
+    filler_std = property(lambda self: self.accuracy_std[0], doc="``[n_layers]`` std over folds of filler_acc.")
+    question_std = property(lambda self: self.accuracy_std[1], doc="``[n_layers]`` std over folds of question_acc.")
+    shuffled_std = property(lambda self: self.accuracy_std[2], doc="``[n_layers]`` std over folds of shuffled_acc.")
+
     def to_dataframe(self):
         import pandas as pd
-        return pd.DataFrame({"layer": self.layers, "filler_acc": self.filler_acc.numpy(),
-                             "question_acc": self.question_acc.numpy(), "shuffled_acc": self.shuffled_acc.numpy(),
-                             "filler_std": self.filler_std.numpy(), "question_std": self.question_std.numpy(),
-                             "shuffled_std": self.shuffled_std.numpy(), "majority": self.majority,
-                             "n_items": len(self.labels), "folds": self.settings.get("folds"),
-                             "compare": self.compare})
+        cols = {f"{arm}_{stat}": t[a].numpy() for stat, t in (("acc", self.accuracy), ("std", self.accuracy_std))
+                for a, arm in enumerate(self.arms)}
+        return pd.DataFrame({"layer": self.layers, **cols, "majority": self.majority, "n_items": len(self.labels),
+                             "folds": self.settings.get("folds"), "compare": self.compare})
 
     def figure(self):
-        import plotly.graph_objects as go
-        fig = go.Figure()
-        qname = {"last_question": "last question token", "no_filler": "no-filler control, last position",
-                 "question_mean": "question positions (mean)"}.get(self.compare, self.compare)
-        for key, name in (("filler", f"filler positions ({self.pool})"), ("question", qname),
-                          ("shuffled", "filler, shuffled labels")):
-            acc, sd = getattr(self, key + "_acc").numpy(), getattr(self, key + "_std").numpy()
-            fig.add_trace(go.Scatter(x=self.layers, y=acc, mode="lines+markers", name=name,
-                                     error_y=dict(type="data", array=sd)))
-        fig.add_hline(y=self.majority, line_dash="dot", annotation_text="majority class")
-        fig.update_layout(title=f"filler probe · CV accuracy of a logistic probe per layer ({self.n_fillers} × "
-                          f"{self.filler!r}; n = {len(self.labels)} items, "
-                          f"{self.settings.get('folds', '?')}-fold, ±1 sd over folds)", xaxis_title="layer",
-                          yaxis_title="accuracy", height=380)
-        return fig
+        """CV accuracy per layer of the three probes (:func:`lensbench.plots.filler.probe_figure`)."""
+        return probe_figure(self)
 
 
 PROBE_COMPARE = ("last_question", "no_filler", "question_mean")
+_FILLER_PROBE_PARAMS = {
+    **SHARED_PARAMS,
+    "filler": [str],
+    "n_fillers": [Interval(int, 1, None)],
+    "template": [None, str],
+    "label": [None, "callable"],
+    "pool": [Options({"mean", "last"})],
+    "compare": [Options(PROBE_COMPARE)],
+    "folds": [Interval(int, 2, None)],
+    "C": [Interval(float, 0, None, closed="neither")],
+}
 
 
+@validate_params(_FILLER_PROBE_PARAMS)
 def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16, layers=None,
                  template: str | None = None, label=None, pool: str = "mean", compare: str = "last_question",
                  folds: int = 5, seed: int = 0, C: float = 1.0, batch_size: int | str = "auto",
@@ -107,27 +117,18 @@ def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    if not isinstance(m, LensModel):
-        raise InputError(f"m must be a LensModel (lb.load(...)), got {type(m).__name__}.")
     items = _normalize_sweep_items(items)
-    n_fillers = _check_int(n_fillers, "n_fillers", 1)
-    if pool not in ("mean", "last"):
-        raise InputError(f"pool={pool!r}; use 'mean' or 'last'.")
-    if compare not in PROBE_COMPARE:
-        raise InputError(f"compare={compare!r}; use one of {PROBE_COMPARE}.")
+    n_fillers, folds = int(n_fillers), int(folds)
     layers = m.check_layers(layers)
     if label is None:
         labels = [str(it.get("meta", {}).get("label", it["answer"])) if isinstance(it.get("meta"), dict)
                   else it["answer"] for it in items]
-    elif callable(label):
-        labels = [str(label(it)) for it in items]
     else:
-        raise InputError("label must be None (meta['label'] or the answer) or a function item -> label.")
+        labels = [str(label(it)) for it in items]
     y = np.asarray(labels)
     classes, cnt = np.unique(y, return_counts=True)
     if len(classes) < 2:
         raise InputError(f"filler_probe needs at least two distinct labels, got only {classes.tolist()}.")
-    folds = _check_int(folds, "folds", 2)
     if cnt.min() < folds:
         raise InputError(f"the rarest label has {int(cnt.min())} items, fewer than folds={folds}; pass more items "
                          "or fewer folds.")
@@ -167,11 +168,9 @@ def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
             sc = cross_val_score(clf, X, yy, cv=cv)
             res[key].append((sc.mean(), sc.std()))
-    tt = {k: (torch.tensor([a for a, _ in v], dtype=torch.float32),
-              torch.tensor([s for _, s in v], dtype=torch.float32)) for k, v in res.items()}
-    return FillerProbeResult(layers=layers, filler_acc=tt["f"][0], question_acc=tt["q"][0], shuffled_acc=tt["s"][0],
-                             filler_std=tt["f"][1], question_std=tt["q"][1], shuffled_std=tt["s"][1],
-                             majority=float(cnt.max() / cnt.sum()), labels=labels, n_fillers=n_fillers,
+    acc = torch.tensor([[a for a, _ in res[k]] for k in "fqs"], dtype=torch.float32)
+    std = torch.tensor([[s for _, s in res[k]] for k in "fqs"], dtype=torch.float32)
+    return FillerProbeResult(layers=layers, accuracy=acc, accuracy_std=std, majority=float(cnt.max() / cnt.sum()), labels=labels, n_fillers=n_fillers,
                              filler=filler, pool=pool, compare=compare,
                              settings={"folds": folds, "seed": seed, "C": C, "compare": compare},
                              model_name=m.name)

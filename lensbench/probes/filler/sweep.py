@@ -22,9 +22,11 @@ from ...engine import KVCache, run_batches, score_spans
 from ...engine.prefix import CropUnsupported
 from ...errors import InputError
 from ...model import LensModel
+from ...plots.filler import sweep_figure
 from ...results import Result
 from ...stats import mean_ci
-from ._common import _check_int, _clip, _ids, _summary_frame, _tup
+from ...validation import Check, Interval, SequenceOf, validate_params
+from ._common import CI_PARAMS, SHARED_PARAMS, _clip, _ids, _summary_frame, _tup
 
 SPECIAL_FILLERS = ("counting", "repeat_question", "random_words", "cot")
 _RANDOM_WORDS = (
@@ -94,36 +96,9 @@ class FillerSweepResult(Result):
         return _summary_frame(self.summary())
 
     def figure(self, metric: str = "delta_logprob", kinds: Sequence[str] | None = None):
-        """Curves per filler kind against N with CI bands over items (:meth:`summary`); ``metric``: ``"delta_logprob"``,
-        ``"logprob"`` or ``"accuracy"``."""
-        import plotly.graph_objects as go
-        if metric not in ("delta_logprob", "logprob", "accuracy"):
-            raise InputError(f"metric={metric!r}; use 'delta_logprob', 'logprob' or 'accuracy'.")
-        rows = self.summary()
-        if metric == "delta_logprob" and rows and "delta_logprob" not in rows[0]:
-            raise InputError("metric='delta_logprob' needs count 0 among counts; use 'logprob'.")
-        ci_key = {"delta_logprob": "delta_ci", "accuracy": "accuracy_ci"}.get(metric)
-        fig = go.Figure()
-        palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-        for k, kind in enumerate(self.kinds):
-            if kinds is not None and kind not in kinds:
-                continue
-            rs = [r for r in rows if r["kind"] == kind]
-            x = [r["count"] for r in rs]
-            y = [r[metric] for r in rs]
-            col = palette[k % len(palette)]
-            if ci_key and len(rs) > 1:
-                lo = [r[ci_key][0] for r in rs]
-                hi = [r[ci_key][1] for r in rs]
-                fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", line={"width": 0},
-                                         fillcolor=col, opacity=0.15, showlegend=False, hoverinfo="skip"))
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=repr(kind) if kind.strip() != kind
-                                     or kind not in SPECIAL_FILLERS else kind, line={"color": col}))
-        label = {"delta_logprob": "Δ log p(answer) vs N = 0", "logprob": "log p(answer)",
-                 "accuracy": "greedy exact match"}[metric]
-        fig.update_layout(title=f"filler sweep · {label} per filler kind", xaxis_title="N filler tokens",
-                          yaxis_title=label, height=380, margin=dict(l=60, r=20, t=60, b=60))
-        return fig
+        """Curves per filler kind against N with CI bands over items (:meth:`summary`); ``metric``:
+        ``"delta_logprob"``, ``"logprob"`` or ``"accuracy"``. See :func:`lensbench.plots.filler.sweep_figure`."""
+        return sweep_figure(self, metric, kinds)
 
 
 def _filler_ids(m: LensModel, kind: str, n: int, item: dict, rng: random.Random) -> list[int]:
@@ -165,6 +140,22 @@ def _normalize_sweep_items(items) -> list[dict]:
     return list(items)
 
 
+def _nonempty_str(v) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+_FILLER = Check(_nonempty_str, "a non-empty string")
+_FILLER_SWEEP_PARAMS = {
+    **SHARED_PARAMS, **CI_PARAMS,
+    "fillers": [_FILLER, SequenceOf(_FILLER, min_len=0)],
+    "counts": [Interval(int, 0, None), SequenceOf(Interval(int, 0, None))],
+    "template": [None, str],
+    "cot": [bool],
+    "reuse_cache": [bool],
+}
+
+
+@validate_params(_FILLER_SWEEP_PARAMS)
 def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128), template: str | None = None,
                  cot: bool = False, reuse_cache: bool = True, seed: int = 0, n_boot: int = 1000,
                  ci: float = 0.95, batch_size: int | str = "auto", progress: bool = True,
@@ -193,21 +184,10 @@ def filler_sweep(m: LensModel, items, *, fillers=(" .",), counts=(0, 8, 32, 128)
     On a model loaded through another backend (nnsight, TransformerLens) the arms are scored from scratch through
     that backend (the cached path would run the transformers model directly).
     """
-    if not isinstance(m, LensModel):
-        raise InputError(f"m must be a LensModel (lb.load(...)), got {type(m).__name__}.")
     items = _normalize_sweep_items(items)
     if isinstance(fillers, str):
         fillers = (fillers,)
-    if not isinstance(fillers, (list, tuple)) or not all(isinstance(f, str) and f for f in fillers):
-        raise InputError(f"fillers must be a tuple of non-empty strings (e.g. (' .', '...', 'counting')), got "
-                         f"{fillers!r}.")
-    if isinstance(counts, int):
-        counts = (counts,)
-    if not isinstance(counts, (list, tuple)) or not counts:
-        raise InputError(f"counts must be a non-empty tuple of ints >= 0 such as (0, 8, 32), got {counts!r}.")
-    counts = sorted({_check_int(c, "counts") for c in counts})
-    if not 0 < ci < 1:
-        raise InputError(f"ci={ci!r} must be in (0, 1).")
+    counts = sorted({int(c) for c in (counts if isinstance(counts, (list, tuple)) else (counts,))})
     if cot and not all(isinstance(it.get("cot"), str) and it["cot"] for it in items):
         raise InputError("cot=True needs a 'cot' string in every item (lb.tasks.arithmetic(..) has one).")
     kinds = list(dict.fromkeys(fillers)) + (["cot"] if cot else [])
