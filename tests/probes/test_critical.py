@@ -343,7 +343,13 @@ def test_result_roundtrip_and_views(tiny, tmp_path):
     df = res.to_dataframe()
     assert len(df) == len(res.units) and {"keep_acc", "replace_acc", "pass@1", "critical"} <= set(df.columns)
     fig = res.figure()
-    assert fig.data and "success rate" in fig.layout.title.text
+    assert "success rate" in fig.layout.title.text
+    band_keep, keep, band_rep, rep = fig.data
+    ev = res.evaluated
+    assert list(keep.x) == [f"{i}:{lb.plots._clean(res.units[i])[:12]}" for i in ev]
+    assert list(keep.y) == res.keep_acc[ev].tolist() and list(rep.y) == res.replace_acc[ev].tolist()
+    assert list(band_keep.y) == res.keep_hi[ev].tolist() + res.keep_lo[ev].tolist()[::-1]
+    assert list(band_rep.y) == res.replace_hi[ev].tolist() + res.replace_lo[ev].tolist()[::-1]
     assert "lb-crit-tok" in res._repr_html_()
 
 
@@ -373,6 +379,71 @@ def test_bad_inputs(tiny):
         raise ValueError("no number here")
     with pytest.raises(InputError, match=r"checker=.*broken.*raised ValueError: no number here"):
         lb.critical_tokens(m, PROMPT, RESPONSE, checker=broken, n_samples=2, max_new_tokens=2, progress=False)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"n_samples": 0}, "n_samples=0 is not allowed; n_samples must be an int >= 1"),
+    ({"granularity": "word"}, "granularity must be one of 'sentence', 'token'"),
+    ({"temperature": -1}, "temperature=-1 is not allowed; temperature must be a number >= 0"),
+    ({"top_p": 0}, "top_p=0 is not allowed; top_p must be a number in (0, 1]"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+    ({"stop": [""]}, "stop=[''] is not allowed"),
+    ({"stop": ""}, "stop must be None or a non-empty string or a list/tuple of non-empty string values"),
+    ({"seed": "1"}, "seed='1' is not allowed; seed must be an int"),
+    ({"search": "fine"}, "search must be one of 'coarse', 'full'"),
+    ({"stride": 0}, "stride=0 is not allowed; stride must be an int >= 1"),
+    ({"rule": "bayes"}, "rule='bayes' is not allowed; rule must be one of 'paper', 'wilson'"),
+    ({"alpha": 0.5}, "alpha=0.5 is not allowed; alpha must be a number in (0, 0.5)"),
+    ({"threshold": 1.0}, "threshold must be a number in (0, 1)"),
+    ({"fpr_at": 1.5}, "fpr_at=1.5 is not allowed; fpr_at must be a number in [0, 1]"),
+    ({"similarity_threshold": float("nan")}, "similarity_threshold must be one of 'auto' or a finite number"),
+    ({"kl_smoothing": 0}, "kl_smoothing=0 is not allowed; kl_smoothing must be a number > 0"),
+    ({"checker": "42"}, "checker='42' is not allowed; checker must be a callable"),
+    ({"answer": 3}, "answer must be None or a callable"),
+    ({"embedder": 3}, "embedder must be None or a callable"),
+    ({"sampler": 3}, "sampler must be None or a callable"),
+    ({"batch_size": True}, "batch_size=True is not allowed"),
+    ({"cache_dir": 3}, "cache_dir=3 is not allowed; cache_dir must be None or a string or a PathLike"),
+    ({"progress": None}, "progress=None is not allowed; progress must be True or False"),
+    ({"mode": "contrastive"}, "mode must be 'rollout' (the contrastive estimate is lb.contrastive_tokens("),
+    ({"response": 3}, "response=3 is not allowed; response must be a string"),
+])
+def test_bad_values_name_parameter_value_and_rule(tiny, kw, words):
+    m = tiny("llama")
+    call = {"checker": _letter_checker(), "progress": False, **kw}
+    response = call.pop("response", RESPONSE)
+    assert set(kw) <= set(lb.critical_tokens.parameter_constraints)
+    with lb.testing.OOMOnce(m.model, k=0) as calls, pytest.raises(InputError) as e:
+        lb.critical_tokens(m, PROMPT, response, **call)
+    assert str(e.value).startswith("critical_tokens: ") and words in str(e.value), str(e.value)
+    assert calls.calls == 0
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"beta": float("nan")}, "beta=nan is not allowed; beta must be a finite number"),
+    ({"beta": "1"}, "beta='1'"),
+    ({"pos_adapter": 3}, "pos_adapter=3 is not allowed; pos_adapter must be None or a string"),
+    ({"add_bos": "yes"}, "add_bos must be None or True or False"),
+    ({"chunk": 0}, "chunk=0 is not allowed; chunk must be an int >= 1"),
+    ({"progress": 1}, "progress=1"),
+    ({"m_neg": "gpt2"}, "m_neg='gpt2' is not allowed; m_neg must be a LensModel"),
+])
+def test_contrastive_bad_values(tiny, kw, words):
+    m = tiny("llama")
+    call = {"m_neg": m, **kw}
+    with lb.testing.OOMOnce(m.model, k=0) as calls, pytest.raises(InputError) as e:
+        lb.contrastive_tokens(m, call.pop("m_neg"), TEXT, **call)
+    assert str(e.value).startswith("contrastive_tokens: ") and words in str(e.value), str(e.value)
+    assert calls.calls == 0
+
+
+def test_rule_helpers_name_themselves_and_the_parameter():
+    with pytest.raises(InputError, match=r"^prefix_fails: alpha=0 is not allowed; alpha must be a number in"):
+        prefix_fails(0, 10, alpha=0)
+    with pytest.raises(InputError, match=r"^rule_min_n: rule='bayes' is not allowed"):
+        rule_min_n(rule="bayes")
+    with pytest.raises(InputError, match=r"^critical_index: threshold=2 is not allowed"):
+        critical_index([1, 0], threshold=2)
 
 
 # ------------------------------------------------------------------------------------------------ contrastive
@@ -419,6 +490,12 @@ def test_contrastive_beta0_and_difference_two_models(tiny):
     assert torch.allclose(ce.criticality, 1 - ce.p_ce)
     df = ce.to_dataframe()
     assert len(df) == len(ids) - 1 and list(df["token"]) == ce.tokens[1:]
+    bars, line = ce.figure().data
+    assert list(bars.x) == [f"{t}:{tok}" for t, tok in enumerate(ce.tokens)][1:] == list(line.x)
+    assert bars.y.tolist() == (1 - ce.p_ce).tolist() and line.y.tolist() == ce.logprob_diff.tolist()
+    for chunk in (1, 3):   # positions per logits block: the same numbers
+        again = lb.contrastive_tokens(pos, neg, TEXT, beta=2.0, chunk=chunk, progress=False)
+        assert torch.allclose(again.p_ce, ce.p_ce, atol=1e-6) and torch.equal(again.token_ids, ce.token_ids)
 
 
 def test_contrastive_constant_logit_shift_changes_nothing(tiny):
@@ -687,6 +764,10 @@ def test_default_embedder_skips_the_sink_and_is_centred(tiny):
     assert torch.allclose(e[1], plain("ran off") - mu, atol=1e-5)
     assert torch.equal(e[2], torch.zeros(m.d_model)) and torch.allclose(emb.mean, mu, atol=1e-6)
     old = model_sentence_embedder(m, layer=1, exclude_first=False, centre=False)   # the previous embedder, reachable
+    with pytest.warns(FutureWarning, match="skip_first= is renamed exclude_first="):
+        alias = model_sentence_embedder(m, layer=1, skip_first=False, centre=False)
+    assert alias.__name__ == old.__name__ == "model_sentence_embedder(layer=1, skip_first=False, centre=False)"
+    assert torch.equal(alias(["the cat"]), old(["the cat"]))
     ids = m.encode("the cat", add_bos=False)[None]
     with torch.no_grad():
         hs = m.model(input_ids=ids, output_hidden_states=True).hidden_states[1]

@@ -184,7 +184,17 @@ def test_ablation_seeded_reproducible_and_roundtrip(tiny32, tmp_path):
     assert a.summary() == b.summary()
     p = a.save(tmp_path / "abl")
     assert lb.Result.load(p) == a
-    assert a.figure().data and "lb-filler-removed" in a.removal_html(0, 0)
+    assert "lb-filler-removed" in a.removal_html(0, 0)
+    row = a.summary()[0]
+    cls_bar, ctrl_bar = a.figure().data
+    assert list(cls_bar.x) == ["stopwords"] and list(cls_bar.y) == [row["delta_loss"]]
+    assert list(ctrl_bar.y) == [row["control_delta_loss"]]
+    ci = pytest.approx   # one text: the CI is NaN (and drawn as no bar)
+    assert list(cls_bar.error_y.array) == ci([row["delta_ci"][1] - row["delta_loss"]], nan_ok=True)
+    assert list(cls_bar.error_y.arrayminus) == ci([row["delta_loss"] - row["delta_ci"][0]], nan_ok=True)
+    assert list(ctrl_bar.error_y.array) == ci([row["control_ci"][1] - row["control_delta_loss"]], nan_ok=True)
+    with pytest.raises(lb.InputError, match="needs items with answers"):
+        a.figure("accuracy")
 
 
 def test_ablation_replace_mode_keeps_positions(tiny32):
@@ -206,6 +216,10 @@ def test_ablation_items_accuracy(default_model):
     assert res.edited[0][0] == "capital of France is"
     assert torch.isfinite(res.correct_class).all()
     assert res.to_dataframe()["acc_orig"].iloc[0] == 1.0
+    rows = res.summary()
+    fig = res.figure("accuracy")
+    assert [list(t.y) for t in fig.data] == [[r["acc_class"] for r in rows], [r["acc_control"] for r in rows]]
+    assert list(fig.data[0].x) == ["articles", "commas"] and fig.layout.shapes[0].y0 == rows[0]["acc_orig"] == 1.0
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -267,8 +281,21 @@ def test_sweep_fillers_and_result(tiny32, tmp_path):
     assert len(df) == 6 and {"delta_logprob", "delta_ci_lo", "accuracy", "accuracy_ci_hi"} <= set(df.columns)
     assert df[df["count"] == 0]["delta_logprob"].abs().max() == 0
     assert lb.Result.load(res.save(tmp_path / "sweep")) == res
-    for metric in ("delta_logprob", "logprob", "accuracy"):
-        assert len(res.figure(metric).data) >= 2
+    rows = res.summary()
+    for metric, band in (("delta_logprob", "delta_ci"), ("logprob", None), ("accuracy", "accuracy_ci")):
+        traces = res.figure(metric).data
+        lines = [t for t in traces if t.mode == "lines+markers"]
+        assert [t.name for t in lines] == ["' .'", "'...'"]
+        for kind, line in zip(res.kinds, lines):
+            rs = [r for r in rows if r["kind"] == kind]
+            assert list(line.x) == [0, 2, 4] and list(line.y) == [r[metric] for r in rs]
+        bands = [t for t in traces if t.fill == "toself"]
+        assert len(bands) == (2 if band else 0)
+        if band:
+            rs = [r for r in rows if r["kind"] == " ."]
+            assert list(bands[0].y) == [r[band][1] for r in rs] + [r[band][0] for r in rs][::-1]
+    only = res.figure("logprob", kinds=["..."]).data
+    assert [t.name for t in only] == ["'...'"]
 
 
 def test_sweep_default_model_cache_identity_and_paris(default_model):
@@ -315,7 +342,15 @@ def test_filler_probe_known_answers(tiny32, tmp_path):
     assert res.shuffled_acc.max() <= 0.8
     assert lb.Result.load(res.save(tmp_path / "probe")) == res
     df = res.to_dataframe()
-    assert len(res.figure().data) == 3 and len(df) == 2 and (df["n_items"] == 40).all() and (df["folds"] == 4).all()
+    assert len(df) == 2 and (df["n_items"] == 40).all() and (df["folds"] == 4).all()
+    assert df["filler_acc"].tolist() == res.filler_acc.tolist() and df["shuffled_std"].tolist() == res.shuffled_std.tolist()
+    fig = res.figure()
+    assert [t.name for t in fig.data] == ["filler positions (mean)", "last question token", "filler, shuffled labels"]
+    for t, acc, sd in zip(fig.data, res.accuracy, res.accuracy_std):
+        assert list(t.x) == [0, 2] and list(t.y) == acc.tolist() and list(t.error_y.array) == sd.tolist()
+    assert torch.equal(res.accuracy, torch.stack([res.filler_acc, res.question_acc, res.shuffled_acc]))
+    assert torch.equal(res.accuracy_std, torch.stack([res.filler_std, res.question_std, res.shuffled_std]))
+    assert res.arms == F.PROBE_ARMS == ("filler", "question", "shuffled")
 
 
 def _cv_acc(X, y, folds, seed):
@@ -393,6 +428,60 @@ def test_bad_inputs(tiny32):
             pytest.fail(f"case {i} did not raise")
 
 
+_ITEMS = [{"question": f"q{i}?", "answer": f" {'ab'[i % 2]}"} for i in range(10)]
+
+
+@pytest.mark.parametrize("probe, kw, words", [
+    ("filler_ablation", {"mode": "mask"}, "mode='mask' is not allowed; mode must be one of 'remove', 'replace'"),
+    ("filler_ablation", {"continuation_words": 0}, "continuation_words must be an int >= 1"),
+    ("filler_ablation", {"n_control": 0}, "n_control=0 is not allowed; n_control must be an int >= 1"),
+    ("filler_ablation", {"seed": -1}, "seed=-1 is not allowed; seed must be an int >= 0"),
+    ("filler_ablation", {"ci": 1.0}, "ci=1.0 is not allowed; ci must be a number in (0, 1)"),
+    ("filler_ablation", {"n_boot": 0}, "n_boot must be an int >= 1"),
+    ("filler_ablation", {"batch_size": 0}, "batch_size must be one of 'auto' or an int >= 1"),
+    ("filler_ablation", {"progress": "yes"}, "progress must be True or False"),
+    ("filler_ablation", {"stopwords": "the of"}, "stopwords='the of' is not allowed; stopwords must be None or "
+                                                 "one of 'function', 'sklearn' or a list of words (strings)"),
+    ("filler_ablation", {"stopwords": ["the", 3]}, "a list of words (strings)"),
+    ("filler_ablation", {"replacement": 5}, "replacement=5 is not allowed; replacement must be a string"),
+    ("filler_sweep", {"fillers": ("",)}, "fillers=('',) is not allowed; fillers must be a non-empty string or"),
+    ("filler_sweep", {"counts": (-1,)}, "counts=(-1,) is not allowed; counts must be an int >= 0 or a non-empty "
+                                        "list/tuple of an int >= 0 values"),
+    ("filler_sweep", {"counts": ()}, "counts=()"),
+    ("filler_sweep", {"counts": 2.5}, "counts=2.5"),
+    ("filler_sweep", {"template": 3}, "template must be None or a string"),
+    ("filler_sweep", {"cot": "yes"}, "cot='yes' is not allowed; cot must be True or False"),
+    ("filler_sweep", {"reuse_cache": 1}, "reuse_cache=1"),
+    ("filler_sweep", {"ci": 0}, "ci=0 is not allowed"),
+    ("filler_sweep", {"seed": "0"}, "seed='0' is not allowed; seed must be an int >= 0"),
+    ("filler_sweep", {"batch_size": "big"}, "batch_size='big'"),
+    ("filler_probe", {"n_fillers": 0}, "n_fillers=0 is not allowed; n_fillers must be an int >= 1"),
+    ("filler_probe", {"pool": "max"}, "pool='max' is not allowed; pool must be one of 'last', 'mean'"),
+    ("filler_probe", {"compare": "mean"}, "compare must be one of 'last_question', 'no_filler', 'question_mean'"),
+    ("filler_probe", {"folds": 1}, "folds=1 is not allowed; folds must be an int >= 2"),
+    ("filler_probe", {"C": 0}, "C=0 is not allowed; C must be a number > 0"),
+    ("filler_probe", {"label": "answer"}, "label='answer' is not allowed; label must be None or a callable"),
+    ("filler_probe", {"template": 1}, "template=1"),
+    ("filler_probe", {"filler": None}, "filler=None is not allowed; filler must be a string"),
+])
+def test_bad_values_name_parameter_value_and_rule_before_any_forward(tiny32, probe, kw, words):
+    m = tiny32
+    data = [TEXT] if probe == "filler_ablation" else _ITEMS
+    fn = getattr(lb, probe)
+    assert set(kw) <= set(fn.parameter_constraints)
+    with lb.testing.OOMOnce(m.model, k=0) as calls, pytest.raises(lb.InputError) as e:
+        fn(m, data, **{"progress": False, **kw})
+    msg = str(e.value)
+    assert msg.startswith(f"{probe}: ") and words in msg, msg
+    assert calls.calls == 0, "a bad value must be refused before any model pass"
+
+
+@pytest.mark.parametrize("probe", ["filler_ablation", "filler_sweep", "filler_probe"])
+def test_model_argument_is_checked(probe):
+    with pytest.raises(lb.InputError, match=rf"^{probe}: m='gpt2' is not allowed; m must be a LensModel"):
+        getattr(lb, probe)("gpt2", [TEXT] if probe == "filler_ablation" else _ITEMS, progress=False)
+
+
 def test_ablation_item_template_is_never_edited(tiny32):
     m = tiny32
     item = {"question": "Hello, world. Is the fox quick?", "template": "\nAnswer:", "answer": " yes, it is"}
@@ -465,6 +554,10 @@ def test_ablation_ci_resamples_texts_and_covers():
     assert row["delta_loss"] == pytest.approx(est, abs=1e-6)
     assert row["delta_ci"] == pytest.approx((est - q * se, est + q * se), abs=1e-5)
     assert (row["n_texts"], row["n_tokens"], row["ci_method"]) == (6, 50, "t")
+    bar = _synthetic_ablation(tok).figure().data[0]         # the figure draws exactly these numbers
+    assert list(bar.y) == pytest.approx([est], abs=1e-6)
+    assert list(bar.error_y.array) == pytest.approx([q * se], abs=1e-5)
+    assert list(bar.error_y.arrayminus) == pytest.approx([q * se], abs=1e-5)
     # coverage at 5 texts (the old percentile bootstrap over 5 texts covered ~0.87)
     hits, sims = 0, 300
     for _ in range(sims):
