@@ -14,7 +14,7 @@ import torch
 
 import lensbench as lb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The capital of France is Paris"
 FAST = {"attribution": {"methods": ("saliency", "occlusion")}, "geometry": {"shuffle_levels": ()}}
 
