@@ -52,7 +52,7 @@ PROBES = {
     "neighborhood_overlap": lambda m: lb.neighborhood_overlap(m, TEXTS, k=5, progress=False).values,
     "geometry_loss_correlation": lambda m: lb.geometry_loss_correlation(
         lb.intrinsic_dimension(m, TEXTS, estimator="twonn", progress=False)).pearson_r,
-    "contextual_memory": lambda m: lb.contextual_memory(m, TEXTS, steps=5, n_boot=10, progress=False).to_dataframe()
+    "contextual_memory": lambda m: lb.contextual_memory(m, TEXTS, n_steps=5, n_boot=10, progress=False).to_dataframe()
     .select_dtypes("number").to_numpy(),
     "score_spans": lambda m: torch.cat([s.token_logprobs for s in score_spans(
         m, [m.encode(t)[:12].tolist() for t in TEXTS], [4, 3, 5])]),

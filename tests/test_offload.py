@@ -157,7 +157,7 @@ PROBES = {
     "intrinsic_dimension": lambda m: lb.intrinsic_dimension(m, TEXTS, per="pooled", progress=False),
     "linearity": lambda m: lb.linearity(m, TEXTS, progress=False),
     "shuffle_baseline": lambda m: lb.shuffle_baseline(m, " ".join(TEXTS), levels=(0, 2), progress=False),
-    "contextual_memory": lambda m: lb.contextual_memory(m, TEXTS, window=4, steps=20, n_boot=50, progress=False),
+    "contextual_memory": lambda m: lb.contextual_memory(m, TEXTS, window=4, n_steps=20, n_boot=50, progress=False),
     "cosine_similarity": lambda m: lb.cosine_similarity(m, TEXTS, progress=False),
     "anisotropy": lambda m: lb.anisotropy(m, TEXTS, progress=False),
     "attribute_ig": lambda m: lb.attribute(m, TEXTS[0], target=" the", n_steps=4, progress=False),
