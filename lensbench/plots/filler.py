@@ -104,9 +104,10 @@ def probe_figure(res: FillerProbeResult):
     fig = go.Figure()
     names = {"filler": f"filler positions ({res.pool})", "question": _COMPARE_LABELS.get(res.compare, res.compare),
              "shuffled": "filler, shuffled labels"}
-    for a, arm in enumerate(res.arms):
-        fig.add_trace(go.Scatter(x=res.layers, y=res.accuracy[a].numpy(), mode="lines+markers", name=names[arm],
-                                 error_y=dict(type="data", array=res.accuracy_std[a].numpy())))
+    from ..probes.filler.probe import PROBE_ARMS
+    for arm in PROBE_ARMS:
+        fig.add_trace(go.Scatter(x=res.layers, y=getattr(res, f"{arm}_acc").numpy(), mode="lines+markers",
+                                 name=names[arm], error_y=dict(type="data", array=getattr(res, f"{arm}_std").numpy())))
     fig.add_hline(y=res.majority, line_dash="dot", annotation_text="majority class")
     fig.update_layout(title=f"filler probe · CV accuracy of a logistic probe per layer ({res.n_fillers} × "
                       f"{res.filler!r}; n = {len(res.labels)} items, "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from ...validation import Interval, Options, validate_params
 from ._common import SHARED_PARAMS, _ids
 from .sweep import _filler_ids, _normalize_sweep_items
 
-#: the three probes of :func:`filler_probe`, in the order of the rows of ``accuracy`` / ``accuracy_std``
+#: the three probes of :func:`filler_probe`: ``{arm}_acc`` / ``{arm}_std`` of :class:`FillerProbeResult`
 PROBE_ARMS = ("filler", "question", "shuffled")
 
 
@@ -32,20 +31,21 @@ class FillerProbeResult(Result):
     """Per-layer cross-validated accuracy of logistic probes predicting the answer from the residual stream.
 
     Attributes:
-        layers: probed layers.
-        accuracy: ``[3, n_layers]`` mean CV accuracy of the probes in :data:`PROBE_ARMS`: at the filler positions,
-            at the comparison position (``compare``), and at filler positions with shuffled labels (also as
-            ``filler_acc``, ``question_acc``, ``shuffled_acc``). accuracy_std: ``[3, n_layers]`` their std over
-            folds (``filler_std``, ...). majority: majority-class rate.
+        layers: probed layers. filler_acc, question_acc, shuffled_acc: ``[n_layers]`` mean CV accuracy at the
+            filler positions, at the comparison position (``compare``), and at filler positions with shuffled
+            labels (:data:`PROBE_ARMS`). filler_std, question_std, shuffled_std: their std over folds.
+            majority: majority-class rate.
         labels: the label of every item (strings); n_fillers, filler, pool (filler side: ``"mean"``/``"last"``);
         compare: what the filler positions are compared with (see :func:`filler_probe`); settings; model_name.
     """
 
-    arms: ClassVar[tuple[str, ...]] = PROBE_ARMS
-
     layers: list
-    accuracy: torch.Tensor
-    accuracy_std: torch.Tensor
+    filler_acc: torch.Tensor
+    question_acc: torch.Tensor
+    shuffled_acc: torch.Tensor
+    filler_std: torch.Tensor
+    question_std: torch.Tensor
+    shuffled_std: torch.Tensor
     majority: float
     labels: list
     n_fillers: int
@@ -55,17 +55,10 @@ class FillerProbeResult(Result):
     model_name: str = ""
     compare: str = "last_question"
 
-    filler_acc = property(lambda self: self.accuracy[0], doc="``[n_layers]`` accuracy at the filler positions.")
-    question_acc = property(lambda self: self.accuracy[1], doc="``[n_layers]`` accuracy at the comparison position.")
-    shuffled_acc = property(lambda self: self.accuracy[2], doc="``[n_layers]`` accuracy with shuffled labels.")
-    filler_std = property(lambda self: self.accuracy_std[0], doc="``[n_layers]`` std over folds of filler_acc.")
-    question_std = property(lambda self: self.accuracy_std[1], doc="``[n_layers]`` std over folds of question_acc.")
-    shuffled_std = property(lambda self: self.accuracy_std[2], doc="``[n_layers]`` std over folds of shuffled_acc.")
-
     def to_dataframe(self):
         import pandas as pd
-        cols = {f"{arm}_{stat}": t[a].numpy() for stat, t in (("acc", self.accuracy), ("std", self.accuracy_std))
-                for a, arm in enumerate(self.arms)}
+        cols = {f"{arm}_{stat}": getattr(self, f"{arm}_{stat}").numpy() for stat in ("acc", "std")
+                for arm in PROBE_ARMS}
         return pd.DataFrame({"layer": self.layers, **cols, "majority": self.majority, "n_items": len(self.labels),
                              "folds": self.settings.get("folds"), "compare": self.compare})
 
@@ -168,9 +161,11 @@ def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
             sc = cross_val_score(clf, X, yy, cv=cv)
             res[key].append((sc.mean(), sc.std()))
-    acc = torch.tensor([[a for a, _ in res[k]] for k in "fqs"], dtype=torch.float32)
-    std = torch.tensor([[s for _, s in res[k]] for k in "fqs"], dtype=torch.float32)
-    return FillerProbeResult(layers=layers, accuracy=acc, accuracy_std=std, majority=float(cnt.max() / cnt.sum()), labels=labels, n_fillers=n_fillers,
+    tt = {k: (torch.tensor([a for a, _ in v], dtype=torch.float32),
+              torch.tensor([s for _, s in v], dtype=torch.float32)) for k, v in res.items()}
+    return FillerProbeResult(layers=layers, filler_acc=tt["f"][0], question_acc=tt["q"][0], shuffled_acc=tt["s"][0],
+                             filler_std=tt["f"][1], question_std=tt["q"][1], shuffled_std=tt["s"][1],
+                             majority=float(cnt.max() / cnt.sum()), labels=labels, n_fillers=n_fillers,
                              filler=filler, pool=pool, compare=compare,
                              settings={"folds": folds, "seed": seed, "C": C, "compare": compare},
                              model_name=m.name)
