@@ -48,22 +48,23 @@ lint:
 
 bench: setup
 	test -x .venv-bench/bin/python || { $(PYTHON) -m venv .venv-bench && .venv-bench/bin/pip install -q dadapy "numpy<2"; }
-	$(PY) bench/run.py
-	$(PY) bench/bench_geometry.py
+	$(PY) -m bench.run
+	$(PY) -m bench.bench_geometry
 	test -x .venv-inseq/bin/python || { $(PYTHON) -m venv .venv-inseq && .venv-inseq/bin/pip install -q torch==2.13.0 inseq; }
-	$(PY) bench/bench_attribution.py
-	$(PY) bench/bench_filler.py
-	$(PY) bench/bench_critical.py
-	$(PY) bench/bench_long_context.py
+	$(PY) -m bench.bench_attribution
+	$(PY) -m bench.bench_filler
+	$(PY) -m bench.bench_critical
+	$(PY) -m bench.bench_long_context
 
 reproduce: setup
-	$(PY) bench/reproduce.py
+	$(PY) -m bench.reproduce
 
 support-table: setup
 	$(PY) scripts/support_table.py
 
-# The GPU check (bench/gpu_check.py): wheels the GPU machine lacks go to .gpu-wheels/ (ignored; it travels with
-# the checkout), then `make gpu-check` there; GPU_PYTHON is the interpreter that holds the CUDA torch.
+# The GPU check (`python -m bench.gpu_check`, from the repository root): wheels the GPU machine lacks go to
+# .gpu-wheels/ (ignored; it travels with the checkout), then `make gpu-check` there; GPU_PYTHON is the interpreter
+# that holds the CUDA torch.
 GPU_PYTHON ?= python3
 GPU_CHECK_OUT ?= out/gpu-check
 GPU_CHECK_ARGS ?=
@@ -77,7 +78,7 @@ gpu-wheels:
 	du -ch .gpu-wheels/*.whl | tail -1
 
 gpu-check:
-	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m bench.gpu_check $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) out test-artifacts build dist *.egg-info

@@ -1,7 +1,7 @@
 """inseq side of bench/bench_attribution.py — runs in the separate ``.venv-inseq`` environment (inseq pins
-typeguard<=2.13.3, which clashes with transformer-lens in the main environment).
+typeguard<=2.13.3, which clashes with transformer-lens in the main environment), from the repository root:
 
-    .venv-inseq/bin/python bench/attribution_inseq.py job.json out.json
+    .venv-inseq/bin/python -m bench.attribution_inseq job.json out.json
 
 ``job.json``: {"model_dir", "prompt", "target_text", "target_id", "prompt_ids", "repeats", "threads",
 "n_steps", "internal_batch_size", "reagent": {...}, "tmp"}. Writes the raw (granular, un-aggregated, un-normalised)
@@ -23,6 +23,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+from bench._harness import Timer
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -58,18 +60,15 @@ def main(job_path: str, out_path: str) -> None:
         t = time.perf_counter()
         model = inseq.load_model(model_dir, method, **load_kw)
         load_s = time.perf_counter() - t
-        times, cpu, res = [], [], None
+        timer = Timer()
         for r in range(reps if method != "reagent" else job.get("reagent_repeats", reps)):
             torch.manual_seed(job.get("seed", 0) + r)
-            t, c = time.perf_counter(), time.process_time()
-            res = model.attribute(input_texts=prompt, generated_texts=gen, attributed_fn="probability",
-                                  show_progress=False, **attr_kw)
-            times.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - c)
+            res = timer(lambda attr_kw=attr_kw, model=model: model.attribute(
+                input_texts=prompt, generated_texts=gen, attributed_fn="probability", show_progress=False, **attr_kw))
         seq = res.sequence_attributions[0]
         raw = seq.target_attributions  # decoder-only: [prefix+generated, n_generated, hidden] (granular)
         out["methods"][method] = {
-            "seconds": times, "cpu_seconds": cpu, "load_s": load_s,
+            "seconds": timer.wall, "cpu_seconds": timer.cpu, "load_s": load_s,
             "tokens": [t.token for t in seq.target],
             "ids": [int(t.id) for t in seq.target],
             "raw": raw[:, 0].float().tolist() if method != "reagent" else raw[:, 0, 0].float().tolist(),

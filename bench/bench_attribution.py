@@ -8,7 +8,7 @@
   values where the definitions match, ReAGent speed at the same settings (target: ≥ 2× faster);
 * tokens attributed per second for a 32-token greedy generation.
 
-    .venv/bin/python bench/bench_attribution.py [--quick] [--repeats N] [--inseq-python PATH]
+    python -m bench.bench_attribution [--quick] [--repeats N] [--inseq-python PATH]
 
 Set up the inseq environment once (offline against the configured package index):
 
@@ -25,10 +25,8 @@ from one run of this script; nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -36,46 +34,20 @@ import warnings
 from pathlib import Path
 
 import torch
-from run import cpu_jiffies, foreign_cpu  # bench/run.py (this script's folder is on sys.path)
 
 import lensbench as lb
+from bench._harness import (
+    HERE,
+    ROOT,
+    Timer,
+    command,
+    cpu_jiffies,
+    machine_info,
+    machine_line,
+    parser,
+    write_results,
+)
 from lensbench.model import default_model_dir
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-
-
-class Timer:
-    """Runs of one case: wall seconds, this process's CPU seconds, and other processes' CPU during each.
-
-    With one torch thread the CPU seconds of a run hardly depend on what else the machine runs (no time is
-    counted while we are descheduled), so ratios of CPU seconds are the robust speed comparison on a shared
-    machine; wall seconds are given too.
-    """
-
-    def __init__(self):
-        self.runs: list[tuple[float, float, float]] = []
-        self.out = None
-
-    def __call__(self, fn):
-        j0, c0, t0 = cpu_jiffies(), time.process_time(), time.perf_counter()
-        self.out = fn()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        self.runs.append((wall, cpu, foreign_cpu(j0, cpu_jiffies(), cpu)))
-        return self.out
-
-    @property
-    def best(self) -> float:
-        """Fewest CPU seconds over the runs."""
-        return min(c for _, c, _ in self.runs)
-
-    @property
-    def load(self) -> float:
-        return sum(f for _, _, f in self.runs) / len(self.runs)
-
-    def cell(self) -> str:
-        return (f"{self.best:.2f} (CPU s: {', '.join(f'{c:.1f}' for _, c, _ in self.runs)}; wall s: "
-                f"{', '.join(f'{w:.1f}' for w, _, _ in self.runs)}; other CPU {self.load:.1f})")
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -99,7 +71,7 @@ def run_inseq(python: str, job: dict, tmp: Path, timeout: float) -> dict:
     jp, op = tmp / "inseq-job.json", tmp / "inseq-out.json"
     jp.write_text(json.dumps(job))
     j0, t0 = cpu_jiffies(), time.perf_counter()
-    p = subprocess.run([python, str(HERE / "attribution_inseq.py"), str(jp), str(op)], capture_output=True, text=True,
+    p = subprocess.run([python, "-m", "bench.attribution_inseq", str(jp), str(op)], capture_output=True, text=True,
                        timeout=timeout, cwd=ROOT)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
@@ -112,8 +84,7 @@ def run_inseq(python: str, job: dict, tmp: Path, timeout: float) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="16 tokens, few steps: a smoke run (minutes → seconds)")
+    ap = parser(__doc__, None, quick="16 tokens, few steps: a smoke run (minutes → seconds)")
     ap.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 2; quick 1)")
     ap.add_argument("--inseq-python", default=str(ROOT / ".venv-inseq" / "bin" / "python"))
     ap.add_argument("--threads", type=int, default=1,
@@ -127,7 +98,7 @@ def main(argv=None) -> None:
     from captum.attr import LayerFeatureAblation, LayerIntegratedGradients
 
     t_start = time.perf_counter()
-    load0 = os.getloadavg()
+    mach = machine_info(("captum",))
     n_tok, n_steps, ibs = (16, 8, 8) if quick else (64, 50, 25)
     rea_cfg = {"n_probes": 4, "max_steps": 2 if quick else 6, "top_k": 3, "keep_top_n": 5, "ratio": 0.3}
     n_gen = 4 if quick else 32
@@ -215,14 +186,11 @@ def main(argv=None) -> None:
     total = time.perf_counter() - t_start
 
     # ---------------------------------------------------------------- report
+    cmd = command("bench.bench_attribution", argv, drop=("--out", "--inseq-python"))
     L = ["# Attribution benchmark", "",
-         f"Reproduce: `.venv/bin/python bench/bench_attribution.py{' --quick' if quick else ''}` "
-         "(inseq side: `.venv-inseq`, see the script's docstring).", "",
-         "## Machine and run", "",
-         f"- {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-         f"threads), Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-         f"- load average at start {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}, at end "
-         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min); whole run {total:.0f} s",
+         f"Reproduce (from the repository root): `{cmd}` (inseq side: `.venv-inseq`, see the script's docstring).",
+         "", "## Machine and run", "",
+         f"- {machine_line(mach, os.getloadavg())} Whole run {total:.0f} s.",
          f"- model: default SmolLM2-135M-Instruct, float32; prompt: the first {len(ids)} tokens of sample text 4; "
          f"target: the greedy next token {y_text!r}",
          f"- every comparison alternates ours and the peer ({reps} round(s)). Times are **CPU seconds** of the "
@@ -312,11 +280,9 @@ def main(argv=None) -> None:
           "| method | seconds | tokens attributed / s |", "|---|---|---|"]
     for meth, kw, tm, n in gen_rows:
         L.append(f"| {meth} {json.dumps(kw) if kw else ''} | {tm.cell()} | {n / tm.best:.2f} |")
-    out = (HERE / "RESULTS-attribution.md") if not quick else (HERE / ".tmp" / "RESULTS-attribution-quick.md")
-    out.parent.mkdir(exist_ok=True)
+    out = args.out or ((HERE / "RESULTS-attribution.md") if not quick else (HERE / ".tmp" / "RESULTS-attribution-quick.md"))
     (tmp / "inseq-full.json").write_text(json.dumps(ins))
-    out.write_text("\n".join(L) + "\n")
-    print("\n".join(L))
+    write_results(out, L, cmd)
     print(f"wrote {out} in {total:.0f} s")
 
 

@@ -6,7 +6,7 @@
 * the cost of a token-level scan of a 100-token response, full vs coarse-to-fine (every 8th token, then bisection
   around keep-accuracy changes): wall time, tokens evaluated, continuations generated, critical token found.
 
-    .venv/bin/python bench/bench_critical.py [--quick]
+    python -m bench.bench_critical [--quick]
 
 Writes bench/RESULTS-critical.md (``--quick``: bench/.tmp/RESULTS-critical-quick.md). One run of this script on a
 shared machine: the load average is recorded next to the numbers; nothing is asserted.
@@ -14,19 +14,16 @@ shared machine: the load average is recorded next to the numbers; nothing is ass
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 import lensbench as lb
+from bench._harness import HERE, command, machine_info, machine_line, parser, reproduce_line, write_results
 from lensbench.engine import PrefixCache, RolloutRequest
 from lensbench.engine import sample as hf_sampler
 
-HERE = Path(__file__).resolve().parent
 QUESTION = "Ben has 15 marbles. He loses 6 and then finds 4. How many marbles does he have?"
 GOLD = 13
 
@@ -98,14 +95,11 @@ def bench_scan(m, prompt, response, n_samples, new_tokens, full_budget_s):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    ap.add_argument("--out", default=None, help="results file (default: bench/RESULTS-critical.md, or "
-                    "bench/.tmp/RESULTS-critical-quick.md with --quick)")
+    ap = parser(__doc__, None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one thread for both engines: OpenMP barriers under a shared machine distort 2-thread timings
     t_start = time.perf_counter()
-    load0 = os.getloadavg()[0]
+    mach = machine_info()
     m = lb.load()
     prompt = _chat(m, QUESTION)
     prompt_ids = m.encode(prompt, add_bos=False).tolist()
@@ -120,17 +114,16 @@ def main(argv=None) -> None:
     n_s, n_new = (2, 4) if args.quick else (4, 8)
     scan = bench_scan(m, prompt, response, n_s, n_new, 20 if args.quick else 60)
     print(scan, flush=True)
-    load1 = os.getloadavg()[0]
     total = time.perf_counter() - t_start
     sc = scan
+    cmd = command("bench.bench_critical", argv)
     lines = [
         "# Critical tokens benchmark",
         "",
-        f"`{'.venv/bin/python bench/bench_critical.py' + (' --quick' if args.quick else '')}` on "
-        f"{platform.machine()} ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads), "
-        f"default model float32 on CPU, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Shared machine: "
-        f"load average {load0:.1f} at the start, {load1:.1f} at the end (2 cores: above 2 every timing is "
-        f"inflated, single-row decoding most); whole run {total:.0f} s. One run, wall-clock times.",
+        reproduce_line(cmd) + "; default model float32 on CPU.",
+        "",
+        f"{machine_line(mach, os.getloadavg())} Shared machine: with the load average above the core count every "
+        f"timing is inflated, single-row decoding most; whole run {total:.0f} s. One run, wall-clock times.",
         "",
         "## Continuations per second from one prefix",
         "",
@@ -169,10 +162,8 @@ def main(argv=None) -> None:
         "lies inside an interval whose two ends have equal accuracy.",
         "",
     ]
-    out = (HERE / "RESULTS-critical.md") if not args.quick else (HERE / ".tmp" / "RESULTS-critical-quick.md")
-    out = Path(args.out) if args.out else out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    out = args.out or ((HERE / "RESULTS-critical.md") if not args.quick else (HERE / ".tmp" / "RESULTS-critical-quick.md"))
+    write_results(out, lines, cmd, echo=False)
     print(f"wrote {out} ({total:.0f} s)")
 
 

@@ -1,11 +1,11 @@
 """Every public probe's wall time on the default model, for two source trees in one run (before/after a change).
 
-    .venv/bin/python bench/bench_engine.py                      # HEAD's working tree vs the tree at --before
-    .venv/bin/python bench/bench_engine.py --before 7fb59cc     # the commit before the one-engine refactor
-    .venv/bin/python bench/bench_engine.py --quick              # 1 round, smaller workloads
+    python -m bench.bench_engine                      # this working tree vs the tree at --before
+    python -m bench.bench_engine --before 7fb59cc     # the commit before the one-engine refactor
+    python -m bench.bench_engine --quick              # 1 round, smaller workloads
 
 The ``before`` tree is a ``git worktree`` of that revision in a temporary folder. Each round runs one subprocess
-per tree (alternating which goes first); a subprocess loads the model once, warms every probe up once, then
+per tree, started in that tree (its folder comes first on ``sys.path``, so it imports that tree's lensbench) (alternating which goes first); a subprocess loads the model once, warms every probe up once, then
 times each probe once. A probe's time per tree is the median over rounds; the ratio after/before > 1.05 is
 flagged as a regression. Only public ``lb.`` names are called, so both trees run the same script. Writes
 ``bench/RESULTS-engine.md`` and ``bench/results-engine.json``.
@@ -13,10 +13,8 @@ flagged as a regression. Only public ``lb.`` names are called, so both trees run
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-MARK = "@@ENGINE@@"
+from bench._harness import HERE, MARK, ROOT, command, machine_info, machine_line, parser, write_results
 
 WORKER = r'''
 import json, sys, time, warnings
@@ -66,13 +62,13 @@ for name, f in cases.items():
     t0 = time.perf_counter()
     f()
     out[name] = {"seconds": time.perf_counter() - t0}
-print("@@ENGINE@@" + json.dumps(out))
+print(sys.argv[3] + json.dumps(out))
 '''
 
 
 def run_tree(tree: Path, quick: bool, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    p = subprocess.run([sys.executable, "-c", WORKER, "1" if quick else "0", str(threads)], cwd=tree, env=env,
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", WORKER, "1" if quick else "0", str(threads), MARK], cwd=tree, env=env,
                        capture_output=True, text=True, timeout=3600)
     line = next((x for x in p.stdout.splitlines() if x.startswith(MARK)), None)
     if line is None:
@@ -81,13 +77,12 @@ def run_tree(tree: Path, quick: bool, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, HERE / "RESULTS-engine.md", quick="1 round, smaller workloads")
     ap.add_argument("--before", default="7fb59cc", help="git revision of the 'before' tree")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "RESULTS-engine.md"))
     a = ap.parse_args()
+    mach = machine_info()
     rounds = 1 if a.quick else a.rounds
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"
@@ -116,18 +111,17 @@ def main() -> None:
         flag = "" if ratio is None else ("regression" if ratio > 1.05 else "ok")
         rows.append(f"| {p} | {b if b is None else f'{b:.2f}'} | {f if f is None else f'{f:.2f}'} | "
                     f"{'—' if ratio is None else f'{ratio:.2f}'} | {flag or err} |")
+    cmd = command("bench.bench_engine", ["--before", a.before, *(["--quick"] if a.quick else []),
+                                         "--rounds", str(rounds), "--threads", str(a.threads)])
     md = [f"# Probe wall times before/after the one-engine refactor (`{a.before}` vs this tree)", "",
-          f"Command: `.venv/bin/python bench/bench_engine.py --before {a.before}"
-          f"{' --quick' if a.quick else ''} --rounds {rounds} --threads {a.threads}`  ",
-          f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}, Python "
-          f"{platform.python_version()}; default model (SmolLM2-135M-Instruct, float32); rounds {rounds} "
-          f"(median of per-round single timings after one warm-up); whole run {wall:.0f} s.", "",
+          f"Command (from the repository root): `{cmd}`  ",
+          f"Machine: {machine_line(mach, os.getloadavg())} Probes run with {a.threads} torch threads; default model "
+          f"(SmolLM2-135M-Instruct, float32); rounds {rounds} (median of per-round single timings after one "
+          f"warm-up); whole run {wall:.0f} s.", "",
           "| probe | before (s) | after (s) | after/before | verdict (> 1.05 = regression) |",
           "|---|---:|---:|---:|---|", *rows, ""]
-    Path(a.out).write_text("\n".join(md))
-    Path(a.out).with_name("results-engine.json").write_text(json.dumps(
-        {"before": a.before, "rounds": rounds, "probes": table, "raw": runs}, indent=1))
-    print("\n".join(md))
+    write_results(a.out, md, cmd, {"before": a.before, "rounds": rounds, "probes": table, "raw": runs,
+                                   "machine": mach}, json_path=a.out.with_name("results-engine.json"))
 
 
 if __name__ == "__main__":

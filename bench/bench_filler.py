@@ -1,6 +1,6 @@
-"""Filler-sweep throughput: question-KV-cache reuse vs recomputing every arm from scratch (issue 6).
+"""Filler-sweep throughput: question-KV-cache reuse vs recomputing every arm from scratch.
 
-    .venv/bin/python bench/bench_filler.py [--items 6] [--counts 0 8 32 128] [--out bench/RESULTS-filler.md]
+    python -m bench.bench_filler [--quick] [--items 3] [--counts 0 8 32 128] [--out bench/RESULTS-filler.md]
 
 Three ways to compute the same numbers on the default model (SmolLM2-135M-Instruct, CPU, float32):
 
@@ -12,35 +12,37 @@ Three ways to compute the same numbers on the default model (SmolLM2-135M-Instru
 * ``scratch-batched``: all arms of an item as one right-padded batch from scratch (a stronger baseline).
 
 The identity (reuse == scratch within 2e-4 nats) is checked and reported. Takes about 1-2 minutes on an idle
-2-core machine (much longer on a loaded one). Timings are interleaved per item.
+2-core machine (much longer on a loaded one); ``--quick``: one item, counts 0 8 32. Timings are interleaved per
+item.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import random
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
+
+from bench._harness import HERE, command, machine_info, machine_line, parser, write_results
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=3)
-    ap.add_argument("--counts", type=int, nargs="+", default=[0, 8, 32, 128])
+    ap = parser(__doc__, HERE / "RESULTS-filler.md", quick="one item, counts 0 8 32")
+    ap.add_argument("--items", type=int, default=None, help="shipped factual items (default 3; --quick 1)")
+    ap.add_argument("--counts", type=int, nargs="+", default=None, help="filler counts (default 0 8 32 128)")
     ap.add_argument("--fillers", nargs="+", default=[" .", "counting", "random_words"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-filler.md")))
     args = ap.parse_args(argv)
+    args.items = args.items or (1 if args.quick else 3)
+    args.counts = args.counts or ([0, 8, 32] if args.quick else [0, 8, 32, 128])
     torch.set_num_threads(args.threads)
+    mach = machine_info()
     import lensbench as lb
     from lensbench.probes import filler as F
 
@@ -80,12 +82,11 @@ def main(argv=None) -> int:
     rows = [("reuse (KV cache + filler-prefix cropping, batched kinds)", t_reuse),
             ("scratch (one forward per arm)", t_scratch), ("scratch-batched (all arms of an item in one batch)",
                                                             t_batched)]
+    cmd = command("bench.bench_filler", ["--items", str(args.items), "--counts", *map(str, args.counts)])
     lines = [
         "# Filler sweep: KV-cache reuse vs from scratch", "",
-        f"Command: `.venv/bin/python bench/bench_filler.py --items {args.items} --counts "
-        f"{' '.join(map(str, args.counts))}`", "",
-        f"Model: {m.name} (float32, CPU, {args.threads} torch threads); {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} logical cores, Python {platform.python_version()}, torch {torch.__version__}. "
+        f"Command (from the repository root): `{cmd}`", "",
+        f"Model: {m.name} (float32, CPU, {args.threads} torch threads). {machine_line(mach, os.getloadavg())} "
         "The machine was shared with other jobs: absolute numbers are noisy, the ratio less so.", "",
         f"{n} shipped factual items; fillers {args.fillers}; counts {args.counts}: {arms} distinct arms per item "
         "(N = 0 is shared by every kind).", "",
@@ -98,8 +99,7 @@ def main(argv=None) -> int:
               "longest run is computed once (shorter N are prefixes, obtained by cropping the cache, longest "
               "first), and all kinds share one batched call per N. On a CPU at these sizes per-call overhead is a "
               "large part of the cost, which is why the batched from-scratch baseline is also shown."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines, cmd)
     return 0 if diff < 2e-4 and same_em else 1
 
 

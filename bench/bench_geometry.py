@@ -1,7 +1,7 @@
 """Geometry benchmark: our TwoNN/GRIDE vs scikit-dimension, DADApy and a naive per-point loop; neighbourhood
 overlap vs a per-token Python loop with sets; ID time vs N up to 50k points.
 
-    .venv/bin/python bench/bench_geometry.py [--quick] [--all-layers]
+    python -m bench.bench_geometry [--quick] [--all-layers]
 
 DADApy pins numpy<2, so it lives in a separate environment: ``python3 -m venv .venv-bench &&
 .venv-bench/bin/pip install dadapy "numpy<2"``; this script runs it in a subprocess on the same arrays (saved
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -25,10 +23,10 @@ import numpy as np
 import torch
 
 import lensbench as lb
+from bench._harness import HERE, ROOT, Timer, command, machine_info, machine_line, parser, write_results
 from lensbench import estimators as E
 
-HERE = Path(__file__).resolve().parent
-DADAPY_PY = HERE.parent / ".venv-bench" / "bin" / "python"
+DADAPY_PY = ROOT / ".venv-bench" / "bin" / "python"
 
 DADAPY_SCRIPT = r"""
 import json, sys, time, warnings, numpy as np
@@ -87,16 +85,13 @@ CPU = {}  # label -> best process CPU seconds (all threads), recorded by timed(.
 
 
 def timed(fn, repeats=1, label=None):
-    """Best wall-clock seconds of ``repeats`` runs (and the best process CPU time under ``label``)."""
-    best = cbest = float("inf")
-    out = None
+    """(output, best wall-clock seconds) of ``repeats`` runs; the best process CPU time goes to ``CPU[label]``."""
+    timer = Timer()
     for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        out = fn()
-        best, cbest = min(best, time.perf_counter() - t), min(cbest, time.process_time() - c)
+        timer(fn)
     if label:
-        CPU[label] = cbest
-    return out, best
+        CPU[label] = timer.best
+    return timer.out, timer.min
 
 
 def run_dadapy(clouds, reps):
@@ -114,7 +109,14 @@ def run_dadapy(clouds, reps):
     return json.loads(out.stdout.strip().splitlines()[-1]), ""
 
 
-def main(quick: bool = False) -> None:
+def main(argv=None) -> None:
+    ap = parser(__doc__, HERE / "RESULTS-geometry.md", quick="one run per implementation, 500-token overlap, "
+                "N up to 5000")
+    ap.add_argument("--all-layers", action="store_true", help="all 30 layers (default: every 3rd)")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    cmd = command("bench.bench_geometry", argv)
+    mach = machine_info(("scikit-dimension",))
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     m = lb.load()
@@ -123,15 +125,14 @@ def main(quick: bool = False) -> None:
     cap = m.capture(ids, progress=False)
     H = cap.hidden_states(0)                                        # [31, 1024, 576]
     # every 3rd layer by default (10 of 30: the machine is shared); --all-layers for all 30
-    layers = list(range(1, m.n_layers + 1, 1 if "--all-layers" in sys.argv else 3))
+    layers = list(range(1, m.n_layers + 1, 1 if args.all_layers else 3))
     clouds = [H[la].double() for la in layers]
     reps = 1 if quick else 2
     load0 = os.getloadavg()
     t_start = time.time()
     lines = ["# Geometry benchmark", "",
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-             f"{torch.get_num_threads()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')} UTC. "
-             "Reproduce: `.venv/bin/python bench/bench_geometry.py` (DADApy needs `.venv-bench`, see the script).",
+             f"{machine_line(mach)} Reproduce (from the repository root): `{cmd}` (DADApy needs `.venv-bench`, "
+             "see the script).",
              "", f"One prompt's {H.shape[1]}-token cloud (d = {H.shape[2]}, float64) at {len(layers)} layers of "
              f"SmolLM2-135M. Wall-clock seconds summed over layers, best of {reps} runs per implementation.", ""]
 
@@ -222,9 +223,8 @@ def main(quick: bool = False) -> None:
     lines += ["", f"Machine load (1-minute load average on {os.cpu_count()} cores) at start {load0[0]:.1f}, at end "
               f"{load1[0]:.1f}; run took {time.time() - t_start:.0f} s. Other jobs shared the cores, so absolute "
               "times are inflated and noisy; ratios come from one run with implementations interleaved by section."]
-    (HERE / "RESULTS-geometry.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines, cmd)
 
 
 if __name__ == "__main__":
-    main("--quick" in sys.argv)
+    main()

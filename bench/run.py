@@ -1,8 +1,8 @@
 """lensbench performance benchmarks; every case runs in its own subprocess so peak memory is clean.
 
-    .venv/bin/python bench/run.py            # full run (repeats=3), writes bench/RESULTS.md
-    .venv/bin/python bench/run.py --quick    # repeats=1
-    .venv/bin/python bench/run.py --only B.ours,B.floor   # a subset (RESULTS.md is still written)
+    python -m bench.run            # full run (repeats=3), writes bench/RESULTS.md and bench/results.json
+    python -m bench.run --quick    # repeats=1
+    python -m bench.run --only B.ours,B.floor   # a subset (RESULTS.md is still written)
 
 Benchmark A ("foundation"): ``m.capture`` of all 31 layers, 8 texts x 512 tokens, vs a plain HF forward with
 ``output_hidden_states=True``.  Benchmark B ("logit lens"): ``lb.logit_lens`` over 31 layers x 512 tokens vs a
@@ -19,21 +19,26 @@ increase over the baseline.  Time = min over the repeats of wall-clock seconds.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import resource
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-MARK = "@@BENCH@@"
+from bench._harness import (
+    HERE,
+    emit,
+    machine_info,
+    maxrss_mb,
+    parser,
+    reset_peak,
+    rss_mb,
+    run_worker,
+    time_rounds,
+    wait_quiet,
+    write_results,
+)
+
 T = int(os.environ.get("LENSBENCH_BENCH_T", "512"))  # tokens per text (env override only for debugging)
 N_TEXTS_A = 8    # texts in benchmark A
 TOP_K = 10
@@ -50,46 +55,10 @@ CASES = {
     "B.nnsight": ("B", "(e) nnsight trace: lm_head(norm(layer.output)).save() per layer"),
 }
 AGREE_CASES = ("B.naive", "B.tlens", "B.nnsight")
-# opt-in (--proposed): lb.logit_lens with the proposed _lens_stats of bench/lens_fast.py monkeypatched in
-EXTRA_CASES = {"B.proposed": ("B", "proposed: logit_lens + bench/lens_fast.py (not in lensbench)")}
-SAVED_CASES = AGREE_CASES + ("B.ours", "B.proposed")
+SAVED_CASES = AGREE_CASES + ("B.ours",)
 
 
 # =============================================================================================== worker side
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine from /proc/stat."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return sum(v) - idle, sum(v)
-
-
-def foreign_cpu(j0, j1, own_cpu_s: float) -> float:
-    """Cores' worth of CPU used by *other* processes between two cpu_jiffies() readings."""
-    tick = os.sysconf("SC_CLK_TCK")
-    busy = (j1[0] - j0[0]) / tick
-    wall = (j1[1] - j0[1]) / tick / (os.cpu_count() or 1)
-    return max(0.0, busy - own_cpu_s) / max(wall, 1e-9)
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _stats_one_layer(z, final_lp, final_p, nxt):
     """The statistics lensbench reports, for one layer's logits z [T, V] (what a user would write)."""
     import torch
@@ -172,15 +141,6 @@ def build_case(case: str, m, ids_a, ids_b):
         def ours():
             return lb.logit_lens(m, ids, top_k=TOP_K, progress=False)
         return None, forward, ours
-
-    if case == "B.proposed":
-        sys.path.insert(0, str(HERE))
-        from lens_fast import installed
-
-        def proposed():
-            with installed():
-                return lb.logit_lens(m, ids, top_k=TOP_K, progress=False)
-        return None, forward, proposed
 
     if case == "B.naive":
         model = m.model
@@ -279,12 +239,12 @@ def worker(case: str, repeats: int, tmp: str | None, threads: int | None = None)
     with torch.no_grad():
         if setup is not None:
             t0 = time.perf_counter()
-            rss0 = current_rss_mb()
+            rss0 = rss_mb()
             setup()
             info["setup_s"] = time.perf_counter() - t0
-            info["setup_mb"] = current_rss_mb() - rss0
+            info["setup_mb"] = rss_mb() - rss0
         gc.collect()
-        info["rss_loaded_mb"] = current_rss_mb()
+        info["rss_loaded_mb"] = rss_mb()
         info["hwm_reset"] = reset_peak()
         ref = reference()
         del ref
@@ -292,26 +252,12 @@ def worker(case: str, repeats: int, tmp: str | None, threads: int | None = None)
         base = maxrss_mb()
         info["maxrss_baseline_mb"] = base
         info["ref_peak_above_loaded_mb"] = base - info["rss_loaded_mb"]
-        times, cpu = [], []
-        res = None
-        j0 = c_all = None
-        for r in range(repeats + 1):                  # r = 0 is the warm-up
-            res = None
-            gc.collect()
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            res = fn()
-            dt = time.perf_counter() - t0
-            dc = time.process_time() - c0
-            if r > 0:
-                times.append(dt)
-                cpu.append(dc)
-            else:
-                info["warmup_s"] = dt
-                j0, c_all = cpu_jiffies(), time.process_time()
-        info["foreign_cpu"] = foreign_cpu(j0, cpu_jiffies(), time.process_time() - c_all)
+        timer, warm = time_rounds(fn, repeats, warmup=1)
+        info["warmup_s"] = warm[0]
+        info["foreign_cpu"] = timer.load
+        res = timer.out
         peak = maxrss_mb()
-    info.update(times=times, cpu_s=cpu, maxrss_peak_mb=peak, peak_above_ref_mb=peak - base,
+    info.update(times=timer.wall, cpu_s=timer.cpu, maxrss_peak_mb=peak, peak_above_ref_mb=peak - base,
                 peak_above_loaded_mb=peak - info["rss_loaded_mb"], load_after=os.getloadavg())
     if isinstance(res, list):   # logit_lens given a 1-D id tensor returns a one-element list
         info["note"] = f"returned a list of {len(res)}"
@@ -326,68 +272,19 @@ def worker(case: str, repeats: int, tmp: str | None, threads: int | None = None)
         torch.save(keep, os.path.join(tmp, f"{case}.pt"))
     if tmp and case == "B.ours":   # untimed float64 reference (after the peak-memory reading)
         torch.save(float64_reference(m, ids_b), os.path.join(tmp, "B.f64.pt"))
-    print(MARK + json.dumps(info), flush=True)
+    emit(info)
 
 
 # =============================================================================================== parent side
-def machine_info() -> dict:
-    import torch
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    vers = {}
-    for mod in ("transformers", "nnsight", "transformer_lens"):
-        try:
-            from importlib.metadata import version
-            vers[mod] = version(mod.replace("_", "-"))
-        except Exception:  # noqa: BLE001
-            vers[mod] = "?"
-    mem = ""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "mem": mem, "date": datetime.datetime.now().astimezone().isoformat(
-                timespec="seconds"), **vers}
-
-
-def wait_quiet(max_wait: float, busy_max: float = 0.25) -> float:
-    """Wait (up to max_wait s) until other processes use < busy_max of the machine's CPUs; returns seconds waited."""
-    t0 = time.perf_counter()
-    while True:
-        j0 = cpu_jiffies()
-        time.sleep(1.0)
-        j1 = cpu_jiffies()
-        busy = (j1[0] - j0[0]) / max(1, j1[1] - j0[1])
-        if busy < busy_max or time.perf_counter() - t0 >= max_wait:
-            return time.perf_counter() - t0
+MACHINE_PACKAGES = ("nnsight", "transformer_lens")
 
 
 def run_case(case: str, repeats: int, tmp: str, timeout: float, threads: int | None = None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--repeats", str(repeats), "--tmp", tmp]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
-    except subprocess.TimeoutExpired:
-        return {"case": case, "error": f"timed out after {timeout:.0f} s"}
-    wall = time.perf_counter() - t0
-    for line in p.stdout.splitlines():
-        if line.startswith(MARK):
-            d = json.loads(line[len(MARK):])
-            d["subprocess_s"] = wall
-            return d
-    tail = "\n".join((p.stderr or "").strip().splitlines()[-8:])
-    return {"case": case, "error": f"exit {p.returncode}: {tail}"}
+    args = ["--worker", case, "--repeats", str(repeats), "--tmp", tmp] + (["--threads", str(threads)] if threads
+                                                                        else [])
+    d = run_worker("bench.run", args, timeout=timeout)
+    d.setdefault("case", case)
+    return d
 
 
 def agreement(tmp: str) -> dict:
@@ -397,7 +294,7 @@ def agreement(tmp: str) -> dict:
         return {}
     ours = torch.load(f)
     out = {}
-    for c in AGREE_CASES + ("B.proposed",):
+    for c in AGREE_CASES:
         g = os.path.join(tmp, f"{c}.pt")
         if not os.path.exists(g):
             continue
@@ -413,7 +310,7 @@ def agreement(tmp: str) -> dict:
     if os.path.exists(g):
         ref = torch.load(g)
         errs = {}
-        for c in ("B.ours",) + AGREE_CASES + ("B.proposed",):
+        for c in ("B.ours",) + AGREE_CASES:
             f = os.path.join(tmp, f"{c}.pt")
             if os.path.exists(f):
                 th = torch.load(f)
@@ -429,7 +326,15 @@ def fmt(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
-def write_results(res: dict, agree: dict, mach: dict, args, path: Path, total_s: float) -> list[str]:
+def run_command(args) -> str:
+    """The command line that reproduces a run with these arguments."""
+    metric = getattr(args, "metric", "wall") or "wall"
+    return ("python -m bench.run" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+            + (f" --threads {args.threads}" if args.threads else "") + (" --metric cpu" if metric == "cpu" else ""))
+
+
+def render(res: dict, agree: dict, mach: dict, args, total_s: float) -> list[str]:
+    """RESULTS.md as lines."""
     metric = getattr(args, "metric", "wall") or "wall"
     key = "cpu_s" if metric == "cpu" else "times"
 
@@ -449,11 +354,7 @@ def write_results(res: dict, agree: dict, mach: dict, args, path: Path, total_s:
     threads_used = sorted({r["threads"] for r in res.values() if "threads" in r}) or [mach["threads"]]
     threads_used = ", ".join(map(str, threads_used))
     lines = ["# lensbench benchmarks", ""]
-    lines += ["Reproduce (from the repository root):", "", "```", "cd /work/main && .venv/bin/python bench/run.py"
-              + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
-              + (f" --threads {args.threads}" if args.threads else "")
-              + (" --proposed" if getattr(args, "proposed", False) else "")
-              + (" --metric cpu" if metric == "cpu" else ""), "```", ""]
+    lines += ["Reproduce (from the repository root):", "", "```", run_command(args), "```", ""]
     if metric == "cpu":
         lines += ["**Ratios, speed verdicts and \"faster than\" use process CPU seconds (`--metric cpu`)**, not wall "
                   "seconds: other processes were competing for the 2 cores, and with 1 torch thread the CPU time of "
@@ -481,7 +382,7 @@ def write_results(res: dict, agree: dict, mach: dict, args, path: Path, total_s:
 
     def row(c, ref, extra_ratio=None, target="", ok=None):
         r = res.get(c, {})
-        lab = {**CASES, **EXTRA_CASES}[c][1]
+        lab = CASES[c][1]
         if "error" in r or not r:
             err = " ".join(str(r.get("error", "not run")).split())[:200].replace("|", "/")
             return f"| {lab} | failed: {err} |" + " |" * (9 if extra_ratio else 8)
@@ -532,13 +433,6 @@ def write_results(res: dict, agree: dict, mach: dict, args, path: Path, total_s:
                      "(c),(d),(e)", ok=ours_ok))
     for c in AGREE_CASES:
         lines.append(row(c, "B.forward", "B.floor", target="ours faster", ok=faster[c]))
-    if "B.proposed" in res:
-        tp = tmin("B.proposed")
-        pm = res["B.proposed"].get("peak_above_ref_mb")
-        okp = bool(tp and b_floor and tp / b_floor <= 1.5 and pm is not None and pm <= 64
-                   and all(tmin(c) and tp < tmin(c) for c in AGREE_CASES))
-        lines.append(row("B.proposed", "B.forward", "B.floor", target="same as ours (information only)",
-                         ok="PASS" if okp else "MISS"))
     lines.append("")
     extra = []
     for c in ("B.tlens", "B.nnsight"):
@@ -554,7 +448,7 @@ def write_results(res: dict, agree: dict, mach: dict, args, path: Path, total_s:
               "| implementation | entropy | KL to final | KL relative (/max(1,KL)) | CE next | top-10 ids equal "
               "| target rank max diff | entropy & KL ≤ 1e-3 | KL closer to float64 (max abs err) |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for c in AGREE_CASES + (("B.proposed",) if "B.proposed" in agree else ()):
+    for c in AGREE_CASES:
         d = agree.get(c)
         if not d:
             lines.append(f"| {CASES[c][1]} | not available |  |  |  |  |  |  |  |")
@@ -564,7 +458,7 @@ def write_results(res: dict, agree: dict, mach: dict, args, path: Path, total_s:
         if c in f64e and "B.ours" in f64e:
             eo, et = f64e["B.ours"]["kl_to_final"], f64e[c]["kl_to_final"]
             closer = f"ours ({eo:.1e} vs {et:.1e})" if eo < et else f"{c} ({et:.1e} vs {eo:.1e})"
-        lines.append(f"| {({**CASES, **EXTRA_CASES})[c][1]} | {d['entropy']:.2e} | {d['kl_to_final']:.2e} | {d['kl_rel']:.1e} | "
+        lines.append(f"| {CASES[c][1]} | {d['entropy']:.2e} | {d['kl_to_final']:.2e} | {d['kl_rel']:.1e} | "
                      f"{d['ce_next']:.2e} | "
                      f"{100 * d['top10_ids_equal']:.2f}% | {d['rank_max_diff']:.0f} | {'PASS' if d['ok'] else 'MISS'} | "
                      f"{closer} |")
@@ -577,33 +471,25 @@ def write_results(res: dict, agree: dict, mach: dict, args, path: Path, total_s:
         lines += ["Error against a float64 reference (float64 log-softmax of the same float32 logits, per layer):", "",
                   "| implementation | entropy max abs err | KL max abs err | worst layer (KL there) |", "|---|---|---|---|"]
         for c, e in f64.items():
-            lines.append(f"| {({**CASES, **EXTRA_CASES})[c][1]} | {e['entropy']:.2e} | {e['kl_to_final']:.2e} | {e['kl_worst_layer']} "
+            lines.append(f"| {CASES[c][1]} | {e['entropy']:.2e} | {e['kl_to_final']:.2e} | {e['kl_worst_layer']} "
                          f"({e['kl_at_worst']:.1f} nats) |")
         lines.append("")
 
     lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
     lines += [f"| {n} | {m} | {v} |" for n, m, v in verdicts]
     lines.append("")
-    if args.notes and Path(args.notes).exists():
-        lines += [Path(args.notes).read_text().rstrip(), ""]
-    path.write_text("\n".join(lines))
     return lines
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="repeats=1")
+    ap = parser(__doc__, HERE / "RESULTS.md", quick="repeats=1")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
-    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
-    ap.add_argument("--notes", default=str(HERE / "NOTES.md"), help="markdown appended to RESULTS.md if it exists")
     ap.add_argument("--timeout", type=float, default=900.0, help="per-case subprocess timeout (s)")
     ap.add_argument("--max-wait", type=float, default=30.0,
                     help="before each case wait up to this many seconds for other processes to go idle (0 = off)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads in each case (default: torch's default = cores)")
-    ap.add_argument("--proposed", action="store_true",
-                    help="also run B.proposed (logit_lens with bench/lens_fast.py patched in)")
     ap.add_argument("--metric", choices=("wall", "cpu"), default="wall",
                     help="what ratios/verdicts use: wall seconds (default) or process CPU seconds (for a busy "
                          "machine, with --threads 1)")
@@ -618,14 +504,13 @@ def main() -> None:
         return
     if args.report_only:
         saved = json.loads((HERE / "results.json").read_text())
-        for k in ("quick", "repeats", "only", "threads", "max_wait", "proposed", "metric"):
+        for k in ("quick", "repeats", "only", "threads", "max_wait", "metric"):
             setattr(args, k, saved["args"].get(k, getattr(args, k, None)))
-        mach = saved.get("machine") or machine_info()
-        print("\n".join(write_results(saved["results"], saved["agreement"], mach, args, Path(args.out),
-                                      saved["total_s"])))
+        mach = saved.get("machine") or machine_info(MACHINE_PACKAGES)
+        write_results(args.out, render(saved["results"], saved["agreement"], mach, args, saved["total_s"]),
+                      run_command(args))
         return
-    all_cases = {**CASES, **(EXTRA_CASES if args.proposed or args.only else {})}
-    cases = [c for c in all_cases if not args.only or c in args.only.split(",")]
+    cases = [c for c in CASES if not args.only or c in args.only.split(",")]
     tmp = HERE / ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -649,11 +534,12 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - t_all
-    mach = machine_info()
-    (HERE / "results.json").write_text(json.dumps({"args": vars(args), "results": res, "agreement": agree,
-                                                   "total_s": total, "machine": mach}, indent=1))
-    lines = write_results(res, agree, mach, args, Path(args.out), total)
-    print("\n".join(lines))
+    mach = machine_info(MACHINE_PACKAGES)
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("out", "worker", "tmp", "report_only")}
+    cmd = run_command(args)
+    write_results(args.out, render(res, agree, mach, args, total), cmd,
+                  {"args": saved_args, "results": res, "agreement": agree, "total_s": total, "machine": mach},
+                  json_path=HERE / "results.json")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Trains on lb.sample_texts()[:16] and evaluates every lens on the same 256 held-out positions of texts 20-23
 (``train_tuned_lens(heldout=...)`` draws them with the same seed in every run). Writes bench/RESULTS-tuned-lens.md.
 
-    .venv/bin/python bench/tuned_lens.py --optimizer sgd --lr 1 --steps 60 --tokens-per-step 64
+    python -m bench.tuned_lens --optimizer sgd --lr 1 --n-steps 60 --tokens-per-step 64
+    python -m bench.tuned_lens --quick    # 10 steps on 1024 tokens: a smoke run
 
 ``--sweep LAYERS CONFIG...`` instead trains candidate optimisers on a subset of layers only (the objective is a sum
 over layers and each translator acts on its own layer, so layers train independently up to global gradient
@@ -12,20 +13,19 @@ clipping, which Adam is insensitive to) and prints their held-out KL beside the 
 inputs whitened by the Cholesky factor of E[x x^T] + ridge, x = [h, 1], i.e. K-FAC's input-side preconditioner;
 V = 0 is still the zero-initialised translator). Example:
 
-    .venv/bin/python bench/tuned_lens.py --sweep 3,10,17,24 adam:1e-3:60:32 wsgd:0.1:60:32
+    python -m bench.tuned_lens --sweep 3,10,17,24 adam:1e-3:60:32 wsgd:0.1:60:32
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 
 import lensbench as lb
+from bench._harness import HERE, command, machine_info, machine_line, parser, write_results
 
 
 def _kl(m, X, la, W, b) -> float:
@@ -97,17 +97,18 @@ def sweep(layers: list[int], configs: list[str], max_tokens: int = 4096) -> None
               flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    ap = parser(__doc__, HERE / "RESULTS-tuned-lens.md", quick="10 steps on at most 1024 tokens")
     ap.add_argument("--optimizer", default="sgd")
     ap.add_argument("--lr", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--n-steps", "--steps", dest="n_steps", type=int, default=None, help="training steps (default 60)")
     ap.add_argument("--tokens-per-step", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=None, help="training tokens (default 4096)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sweep", nargs="+", metavar="LAYERS CONFIG")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-tuned-lens.md")))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    a.n_steps = a.n_steps if a.n_steps is not None else (10 if a.quick else 60)
+    a.max_tokens = a.max_tokens or (1024 if a.quick else 4096)
     torch.set_num_threads(a.threads)
     if a.sweep:
         return sweep([int(x) for x in a.sweep[0].split(",")], a.sweep[1:], a.max_tokens)
@@ -117,7 +118,8 @@ def main() -> None:
     common = dict(heldout=held, heldout_tokens=256, max_tokens=a.max_tokens, progress=False, seed=0)
     jump = lb.train_tuned_lens(m, train, init="lstsq", steps=0, **common)
     t0 = time.perf_counter()
-    tl = lb.train_tuned_lens(m, train, optimizer=a.optimizer, lr=a.lr, steps=a.steps,
+    mach = machine_info()
+    tl = lb.train_tuned_lens(m, train, optimizer=a.optimizer, lr=a.lr, steps=a.n_steps,
                              tokens_per_step=a.tokens_per_step, **common)
     secs = time.perf_counter() - t0
     load = os.getloadavg()
@@ -125,22 +127,22 @@ def main() -> None:
     L = len(tk)
     beat_logit, beat_jump = int((tk < logit).sum()), int((tk < jk).sum())
     rows = [f"| {la} | {logit[la]:.2f} | {jk[la]:.2f} | {tk[la]:.2f} |" for la in range(L)]
-    recipe = (f"optimizer={a.optimizer}, lr={a.lr}, steps={a.steps}, tokens_per_step={a.tokens_per_step}, "
+    recipe = (f"optimizer={a.optimizer}, lr={a.lr}, steps={a.n_steps}, tokens_per_step={a.tokens_per_step}, "
               f"max_tokens={a.max_tokens}, init=identity")
-    text = "\n".join([
+    cmd = command("bench.tuned_lens", [x for k, v in vars(a).items() if k not in ("out", "quick", "sweep")
+                                       for x in (f"--{k.replace('_', '-')}", str(v))])
+    text = [
         "# Tuned lens on the default model: held-out KL(p_L || p_l) per layer [nats]", "",
         f"Model {m.name}, L={L}; trained on lb.sample_texts()[:16], 256 held-out positions of texts 20-23.",
         f"Recipe: {recipe}. Training time {secs:.0f} s with {a.threads} thread(s), load average "
-        f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} (1/5/15 min) at the end.", "",
+        f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} (1/5/15 min) at the end. {machine_line(mach)}", "",
         f"Mean over layers: logit {logit.mean():.2f}, jump (least squares, init='lstsq', steps=0) {jk.mean():.2f}, "
         f"tuned {tk.mean():.2f}. Tuned below logit at {beat_logit}/{L} layers, below jump at {beat_jump}/{L}.", "",
         "Held-out curve of the tuned run (mean over layers): " + ", ".join(
             f"step {s}: {v:.2f}" for s, v in zip(tl.heldout_steps, tl.heldout_kl.mean(1).tolist())), "",
         "| layer | logit | jump | tuned |", "|---:|---:|---:|---:|", *rows, "",
-        "Reproduce: `.venv/bin/python bench/tuned_lens.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "out") + "`", ""])
-    Path(a.out).write_text(text)
-    print(text)
+        f"Reproduce (from the repository root): `{cmd}`", ""]
+    write_results(a.out, text, cmd)
 
 
 if __name__ == "__main__":

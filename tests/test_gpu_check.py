@@ -1,10 +1,9 @@
-"""bench/gpu_check.py: its dry run (tiny shapes, CPU, the GPU machine's missing packages blocked) passes every
+"""``python -m bench.gpu_check`` (bench/gpu_check.py): its dry run (tiny shapes, CPU, the GPU machine's missing packages blocked) passes every
 section, an injected correctness fault exits non-zero naming the section, and without CUDA the real mode says so
 and exits 0."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import gpu_check
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "gpu_check.py"
 BLOCK = "--block-imports=plotly,gguf,nnsight,transformer_lens"
 NO_CAPS = ("--cap-scale=100", "--budget=100000")  # a loaded CI machine must not turn a slow section into a timeout
 
@@ -24,15 +24,8 @@ pytestmark = pytest.mark.xdist_group("gpu_check")
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=e,
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check", *args], capture_output=True, text=True, env=e,
                           cwd=ROOT, timeout=600)
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_dry_run_every_section(tmp_path):
@@ -40,8 +33,7 @@ def test_dry_run_every_section(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     rows = {r["section"]: r for r in data["sections"]}
-    mod = _module()
-    assert list(rows) == [name for name, _ in mod.SECTIONS]
+    assert list(rows) == [name for name, _ in gpu_check.SECTIONS]
     for name, r in rows.items():
         if name == "vllm":
             assert r["status"] == "skipped"
@@ -77,8 +69,7 @@ def test_real_mode_without_cuda_exits_zero(tmp_path):
 
 
 def test_tokenizer_covers_the_model_vocab():
-    mod = _module()
-    tok = mod.make_tokenizer(1024, 400)
+    tok = gpu_check.make_tokenizer(1024, 400)
     assert len(tok) == 1024 and tok.convert_tokens_to_ids(["<pad>", "<s>", "</s>"]) == [0, 1, 2]
     text = "The ferry was forty minutes late."
     ids = tok(text)["input_ids"]

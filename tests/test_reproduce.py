@@ -2,12 +2,9 @@
 
 import json
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import reproduce  # noqa: E402
-from bench.repro import common as C  # noqa: E402
+from bench import reproduce
+from bench.repro import common as C
 
 
 def test_interval_verdict_excludes_and_includes():
