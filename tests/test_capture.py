@@ -126,6 +126,9 @@ def test_too_long_text_raises_or_truncates(tiny):
     with pytest.warns(UserWarning, match="truncated"):
         cap = m.capture(long, truncate=True, progress=False)
     assert cap.hidden_states(0).shape[1] == 512
+    # the first 512 tokens of the text, captured exactly as if they had been passed alone
+    assert cap.input_ids(0).tolist() == m.tokenizer(long)["input_ids"][:512]
+    assert torch.equal(cap.hidden_states(0), m.capture(cap.input_ids(0), progress=False).hidden_states(0))
 
 
 def test_bad_batch_size_and_padding(tiny):

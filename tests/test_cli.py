@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -49,7 +50,8 @@ def test_report_on_tiny_model(saved_tiny, tmp_path):
     assert "<script src=" not in page  # plotly is embedded: works offline
     res = f.parent / "report_results"
     sweep = lb.Result.load(res / "lens_sweep.safetensors")
-    assert isinstance(sweep, lb.LensSweepResult) and sweep.n_texts == 3
+    assert isinstance(sweep, lb.LensSweepResult) and sweep.n_texts == 3 and sweep.n_tokens > 0
+    assert np.isfinite(sweep.mean).all()
     assert json.loads((res / "summary.json").read_text())["capture_stats"]["tokens"] > 0
 
 

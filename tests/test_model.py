@@ -402,4 +402,5 @@ def test_capabilities_are_not_decided_on_non_finite_outputs():
         assert getattr(m, "_caps", None) is None     # not cached
     finally:
         h.remove()
-    assert m.capabilities["prefix_cache"] and m._caps is not None
+    assert m.capabilities["prefix_cache"] and m._caps is m.capabilities   # measured once more, then cached
+    assert m._caps["embeds_forward"] and m._caps["left_padding"]

@@ -7,6 +7,7 @@ and long contexts on a tiny model.  Each test compares against the undisturbed c
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -115,6 +116,8 @@ def test_long_context_on_a_tiny_model(dtype):
     ids = torch.randint(3, m.vocab_size, (8192,), generator=g)
     res = lb.logit_lens(m, ids, top_k=2, progress=False)
     assert res.entropy.shape == (m.n_layers + 1, 8192)
+    assert torch.isfinite(res.entropy).all() and (res.entropy >= 0).all()
+    assert (res.entropy <= math.log(m.vocab_size) + 1e-3).all()
     with torch.no_grad():
         ref = torch.log_softmax(m.model(input_ids=ids[None]).logits[0].float(), -1)
     # last lens layer == the model's own next-token distribution (ce of the actual next token)
