@@ -23,12 +23,26 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .validation import Interval, Options, validate_params
 
 __all__ = ["knn", "neighbors", "Neighbors", "dedup", "twonn", "gride", "gride_profile", "mle", "pca_dim",
            "neighbor_overlap", "DedupInfo"]
 
 _U32 = 2.0 ** -24  # unit roundoff of float32
 _RERANK_ROWS = 32  # query rows per exact re-ranking block (≈ 32 × k × D × 8 bytes, cache-sized)
+
+# constraints of the estimators' options (see :mod:`lensbench.validation`); rules that need the points
+# (k < N, n2 <= the neighbours held) are checked where the points are
+_K = [Interval(int, 1, None)]
+_KNN_PARAMS = {"k": _K, "chunk": [None, Interval(int, 1, None)]}
+_NEIGHBORS_PARAMS = {"k": _K, "remove_duplicates": [bool]}
+_TWONN_PARAMS = {"discard_fraction": [Interval(float, 0, 1, closed="left")], "method": [Options(("linear", "mle"))],
+                 "return_info": [bool]}
+_GRIDE_PARAMS = {"n1": [Interval(int, 1, None)], "n2": [None, Interval(int, 2, None)], "return_info": [bool]}
+_GRIDE_PROFILE_PARAMS = {"max_n2": [None, Interval(int, 2, None)]}
+_MLE_PARAMS = {"k": [Interval(int, 3, None)]}
+_PCA_DIM_PARAMS = {"var": [Interval(float, 0, 1, closed="right")]}
+_NEIGHBOR_OVERLAP_PARAMS = {"k": _K}
 
 
 def as_points(X, *, dtype: torch.dtype | None = None, param: str = "X", check: bool = True) -> torch.Tensor:
@@ -161,12 +175,13 @@ def _knn_dist(X: torch.Tensor, k: int, chunk: int | None = None, margin: int | N
     return D2, I
 
 
+@validate_params(_KNN_PARAMS)
 def knn(X, k: int, *, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact distances and indices of each point's ``k`` nearest neighbours (self excluded), ascending,
     ties broken by the lower index. Returns ``([N, k] float64 distances, [N, k] long indices)``."""
     X = as_points(X)
     N = X.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < N:
+    if k >= N:
         raise InputError(f"k={k} neighbours need at least k+1 points; got N={N}.")
     return _knn_dist(X, k, chunk)
 
@@ -185,6 +200,7 @@ class Neighbors:
         return self.dist.shape[1]
 
 
+@validate_params(_NEIGHBORS_PARAMS)
 def neighbors(X, k: int, *, remove_duplicates: bool = True) -> Neighbors:
     """The ``k`` exact nearest neighbours of every point after dropping exact duplicates."""
     if remove_duplicates:
@@ -193,7 +209,7 @@ def neighbors(X, k: int, *, remove_duplicates: bool = True) -> Neighbors:
         X = as_points(X)
         info = DedupInfo(X.shape[0], X.shape[0])
     N = X.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < N:
+    if k >= N:
         raise InputError(f"k={k} neighbours need at least k+1 distinct points; got N={N}.")
     dist, i = _knn_dist(X, k)
     return Neighbors(dist, i, info)
@@ -215,6 +231,7 @@ def _ratios(X, n1: int, n2: int) -> tuple[torch.Tensor, DedupInfo]:
     return mu, nb.info
 
 
+@validate_params(_TWONN_PARAMS)
 def twonn(X, *, discard_fraction: float = 0.1, method: str = "linear", return_info: bool = False):
     """TwoNN (Facco et al. 2017): the ratio μ = r2/r1 of each point's two nearest-neighbour distances.
 
@@ -226,10 +243,6 @@ def twonn(X, *, discard_fraction: float = 0.1, method: str = "linear", return_in
     returned instead. Tied distances (μ = 1, log μ = 0) are kept, as in DADApy and scikit-dimension.
     ``X`` may be a :class:`Neighbors` with k ≥ 2.
     """
-    if method not in ("linear", "mle"):
-        raise InputError("method must be 'linear' or 'mle'.")
-    if not 0 <= discard_fraction < 1:
-        raise InputError("discard_fraction must be in [0, 1).")
     mu, info = _ratios(X, 1, 2)
     N = mu.numel()
     k = int(N * (1 - discard_fraction))
@@ -288,6 +301,7 @@ def _filter_outliers(mu: torch.Tensor) -> torch.Tensor:
     return mu[mu < q50 + 20 * (q95 - q50)]
 
 
+@validate_params(_GRIDE_PARAMS)
 def gride(X, n1: int = 2, n2: int | None = None, *, return_info: bool = False):
     """GRIDE (Denti et al. 2022): ID from μ = r_{n2}/r_{n1}; ``n2`` defaults to 2·n1 ("scale" = n2).
 
@@ -305,6 +319,7 @@ def gride(X, n1: int = 2, n2: int | None = None, *, return_info: bool = False):
     return (d, info) if return_info else d
 
 
+@validate_params(_GRIDE_PROFILE_PARAMS)
 def gride_profile(X, max_n2: int | None = None) -> dict[int, float]:
     """Multiscale GRIDE: ``{n2: d}`` for n2 = 2, 4, 8, … (n1 = n2/2) up to ``max_n2`` (default N/4; the
     largest scale a :class:`Neighbors` holds when one is passed). One neighbour search serves every scale."""
@@ -326,21 +341,19 @@ def gride_profile(X, max_n2: int | None = None) -> dict[int, float]:
     return out
 
 
+@validate_params(_MLE_PARAMS)
 def mle(X, k: int = 20) -> float:
     """Levina–Bickel maximum-likelihood ID with ``k`` neighbours; the inverse estimates are averaged over
     points (MacKay & Ghahramani's correction). ``X`` may be a :class:`Neighbors` with at least k."""
-    if k < 3:
-        raise InputError("mle needs k >= 3.")
     dist = _nb(X, k, f"mle with k={k}").dist[:, :k]
     logs = torch.log(dist[:, -1:] / dist[:, :-1])          # log(T_k / T_j), j < k
     inv = logs.sum(1) / (k - 1)                            # E[inv] = 1/d: averaging inverses is unbiased
     return float(1.0 / inv.mean())
 
 
+@validate_params(_PCA_DIM_PARAMS)
 def pca_dim(X, var: float = 0.9) -> int:
     """Number of principal components needed to explain a fraction ``var`` of the variance."""
-    if not 0 < var <= 1:
-        raise InputError("var must be in (0, 1].")
     X = as_points(X)
     if X.shape[0] < 2:
         raise InputError(f"PCA needs at least 2 points, got N={X.shape[0]}.")
@@ -360,6 +373,7 @@ def overlap_counts(IX: torch.Tensor, IY: torch.Tensor) -> torch.Tensor:
     return (IY_sorted.gather(1, pos) == IX).sum(1)
 
 
+@validate_params(_NEIGHBOR_OVERLAP_PARAMS)
 def neighbor_overlap(X, Y, k: int = 10) -> torch.Tensor:
     """Per-point overlap |N_k^X(i) ∩ N_k^Y(i)| / k of the k-neighbourhoods of the same points in two spaces.
 

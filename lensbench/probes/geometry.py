@@ -8,11 +8,14 @@ A prompt's point cloud at layer l is X ∈ R^{T×d}: its tokens' residuals. Two 
 * ``exclude_first=True`` (default) drops position 0 of every prompt whatever the tokenizer: with or without a
   BOS token, the first position is the attention sink and carries massive activations (SmolLM2 adds no BOS,
   so a BOS-only rule kept it in every cloud). ``exclude_first="bos"`` drops it only when it is the
-  tokenizer's BOS id (the behaviour before issue 13); ``False`` keeps every token.
+  tokenizer's BOS id; ``False`` keeps every token. The old name ``exclude_bos=True`` is ``exclude_first="bos"``.
 * ``last_layer="post_norm"`` (default) makes the cloud of the last layer L the final norm applied to the
   last block's output, ``final_norm(h_L)`` — what HF ``hidden_states[-1]`` holds, the papers' last layer.
-  ``last_layer="pre_norm"`` uses h_L itself (the capture's layer L; the behaviour before issue 13). Every
-  result records both choices in ``settings`` and its figure says which were used.
+  ``last_layer="pre_norm"`` uses h_L itself (the capture's layer L). Every result records both choices in
+  ``settings`` and its figure says which were used.
+
+Every probe that reads only activations takes a :class:`~lensbench.capture.Capture` in place of ``texts``
+(one capture, many probes); :func:`shuffle_baseline` runs the model on shuffled copies of its text.
 
 All statistics are computed on the model's device inside the capture engine's per-batch reduction, in float64
 (float32 on devices without it), so only small per-layer numbers leave the device.
@@ -21,6 +24,7 @@ All statistics are computed on the model's device inside the capture engine's pe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -32,7 +36,15 @@ from .. import estimators as E
 from ..capture import Capture, CaptureBatch, capture, mean_next_token_loss
 from ..errors import InputError
 from ..model import LensModel
+from ..plots.geometry import (
+    correlation_figure,
+    geometry_profile,
+    linearity_figure,
+    nonlinearity_heatmap,
+    shuffle_figure,
+)
 from ..results import Result
+from ..validation import Interval, Options, SequenceOf, validate_params
 
 ESTIMATORS = ("gride", "twonn", "mle", "pca")
 MIN_TOKENS_STABLE = 500
@@ -41,18 +53,43 @@ LINEARITY_MIN_RATIO = 10  # linearity warns below N = 10·d pooled points (the i
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _view(exclude_first, exclude_bos, last_layer: str) -> tuple:
-    """Validate the cloud conventions; ``exclude_bos`` is the deprecated spelling of ``exclude_first``."""
-    if exclude_bos is not None:
-        warnings.warn("exclude_bos is deprecated: use exclude_first=True (drop position 0 whatever the "
-                      "tokenizer), exclude_first='bos' (only a literal BOS, the old exclude_bos=True) or False.",
-                      DeprecationWarning, stacklevel=3)
-        exclude_first = "bos" if exclude_bos else False
-    if exclude_first not in (True, False, "bos"):
-        raise InputError(f"exclude_first must be True, False or 'bos', got {exclude_first!r}.")
-    if last_layer not in LAST_LAYER:
-        raise InputError(f"last_layer must be one of {LAST_LAYER}, got {last_layer!r}.")
-    return exclude_first, last_layer
+def _exclude_bos_alias(fn=None, *, stacklevel: int = 2):
+    """Accept ``exclude_bos=`` (the old name of ``exclude_first``) with a ``FutureWarning``: True is
+    ``exclude_first="bos"`` (only a literal BOS), False is False; ``exclude_bos=None`` is ignored.
+
+    ``stacklevel`` 3 under another decorator, so that the warning points at the caller."""
+    if fn is None:
+        return functools.partial(_exclude_bos_alias, stacklevel=stacklevel)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "exclude_bos" in kwargs:
+            old = kwargs.pop("exclude_bos")
+            if old is not None:
+                if "exclude_first" in kwargs:
+                    raise InputError(f"{fn.__name__}: pass exclude_first= only (exclude_bos= is its old name).")
+                warnings.warn(f"{fn.__name__}: exclude_bos= is renamed exclude_first= (since lensbench 0.2; "
+                              "exclude_bos=True is exclude_first='bos', False is False); the old name will be "
+                              "removed.", FutureWarning, stacklevel=stacklevel)
+                kwargs["exclude_first"] = "bos" if old else False
+        return fn(*args, **kwargs)
+
+    wrapper.renamed_params = {**getattr(fn, "renamed_params", {}), "exclude_bos": "exclude_first"}
+    return wrapper
+
+
+#: constraints shared by the probes that run the model (see :mod:`lensbench.validation`)
+_RUN_PARAMS = {
+    "m": [LensModel],
+    "batch_size": [Options({"auto"}), Interval(int, 1, None)],
+    "progress": [bool],
+}
+#: the cloud conventions
+_VIEW_PARAMS = {"exclude_first": [Options((True, False, "bos"))], "last_layer": [Options(LAST_LAYER)]}
+#: the ID estimator of the probes (``scale`` is GRIDE's n2)
+_ESTIMATOR_PARAMS = {"estimator": [Options(ESTIMATORS)], "scale": [Interval(int, 2, None)]}
+#: pooled clouds: their size and the seed of their subsample
+_POOL_PARAMS = {"max_points": [Interval(int, 1, None)], "seed": [int]}
 
 
 def _skip(m: LensModel, ids: torch.Tensor, exclude_first) -> int:
@@ -83,28 +120,19 @@ def _cloud(batch: CaptureBatch, b: int, layer: int, exclude_first, last_layer: s
     return _layer_view(batch.model, X, layer, last_layer)
 
 
-def _describe(settings: dict) -> str:
-    """The cloud conventions of a result, for figure titles."""
-    ef = settings.get("exclude_first", settings.get("exclude_bos"))
-    first = {True: "first token excluded", "bos": "BOS excluded", False: "all tokens"}.get(ef, "")
-    last = {"post_norm": "last layer after the final norm", "pre_norm": "last layer before the final norm"}.get(
-        settings.get("last_layer"), "")
-    return " · ".join(x for x in (first, last) if x)
+_ESTIMATE_ID_PARAMS = {
+    "estimator": [Options(ESTIMATORS)],
+    "scale": [Interval(int, 1, None)],
+    "var": [Interval(float, 0, 1, closed="right")],
+    "k": [Interval(int, 3, None)],
+}
 
 
-def _annotate(fig, settings: dict):
-    desc = _describe(settings)
-    if desc:
-        title = fig.layout.title.text or ""
-        fig.update_layout(title=f"{title}<br><sup>{desc}</sup>", margin={"t": 80})
-    return fig
-
-
+@validate_params(_ESTIMATE_ID_PARAMS)
 def estimate_id(X: torch.Tensor, estimator: str = "gride", scale: int = 4, *, var: float = 0.9,
                 k: int = 20) -> tuple[float, int]:
-    """ID of one cloud by name. Returns (id, duplicates removed)."""
-    if estimator not in ESTIMATORS:
-        raise InputError(f"estimator={estimator!r} is unknown; choose one of {ESTIMATORS}.")
+    """ID of one cloud ``X`` (``[N, d]``) by name: GRIDE with n2 = ``scale``, TwoNN, MLE with ``k``
+    neighbours or PCA at ``var`` explained variance. Returns (id, duplicates removed)."""
     U, info = E.dedup(X)
     if estimator == "pca":
         return float(E.pca_dim(U, var)), info.removed
@@ -140,13 +168,6 @@ def _from_capture(m: LensModel, cap: Capture, layers: list[int], reduce) -> Capt
         out = reduce(batch)[0]  # (values, loss, ...): the loss comes from the capture
         results.append((out[0], cap.losses[i] if cap.losses else float("nan"), *out[2:]))
     return dataclasses.replace(cap, results=results)
-
-
-def _check_estimator(estimator: str, scale: int) -> None:
-    if estimator not in ESTIMATORS:
-        raise InputError(f"estimator={estimator!r} is unknown; choose one of {ESTIMATORS}.")
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 2:
-        raise InputError(f"scale must be an int >= 2 (GRIDE's n2), got {scale!r}.")
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -188,41 +209,43 @@ class GeometryResult(Result):
         return pd.DataFrame(rows)
 
     def figure(self, **kw):
-        from ..plots import geometry_profile
-        return _annotate(geometry_profile(self, **kw), self.settings)
+        """Per-layer profile of each row (see :func:`lensbench.plots.geometry.geometry_profile`)."""
+        return geometry_profile(self, **kw)
 
 
 @dataclasses.dataclass(eq=False)
 class LinearityResult(Result):
     """Layer-to-layer linearity (LLM-Microscope; "Your Transformer is Secretly Linear").
 
-    Attributes:
-        layers: l for each transition l -> l+1.
+    Attributes (n transitions):
+        layers: l for each transition l -> l+1; n_points: pooled tokens the maps were fitted on; d_model.
         score: ``[n]`` 1 − ‖XA − Y‖²_F on centred, Frobenius-normalised clouds (with the residual), in sample
             (the papers' number; inflated when N is not ≫ d: ≈ d/N for unrelated clouds, 1 at N ≤ d + 1).
         score_no_residual: ``[n]`` the same with Y − X in place of Y.
-        n_points: pooled tokens the maps were fitted on; d_model.
-        prompt, tokens: the prompt whose per-token nonlinearity is reported (may be empty).
-        per_token: ``[n, T]`` ‖x̃_i A* − ỹ_i‖ per token of ``prompt`` with A* fitted on the pool
-            (clouds scaled to unit mean squared norm, so 1 − mean(per_token²) over the pool = score).
         score_heldout, score_no_residual_heldout: ``[n]`` the same scores with A fitted on a random half of
             the pooled tokens and scored on the other half (see :func:`linear_fit_heldout`): ≈ 0 or below
             for unrelated clouds whatever N/d.
-        settings: exclude_first, last_layer, seed, split.
+        prompt, tokens: the prompt whose per-token nonlinearity is reported (may be empty).
+        per_token: ``[n, T]`` ‖x̃_i A* − ỹ_i‖ per token of ``prompt`` with A* fitted on the pool
+            (clouds scaled to unit mean squared norm, so 1 − mean(per_token²) over the pool = score).
+        settings: exclude_first, last_layer, seed, split; model_name.
     """
 
+    # what the maps were fitted on
     layers: list
-    score: np.ndarray
-    score_no_residual: np.ndarray
     n_points: int
     d_model: int
+    # in-sample scores, then held-out ones (absent from results saved before they existed)
+    score: np.ndarray
+    score_no_residual: np.ndarray
+    score_heldout: np.ndarray | None = None
+    score_no_residual_heldout: np.ndarray | None = None
+    # the per-token view of one prompt
     prompt: str = ""
     tokens: list = dataclasses.field(default_factory=list)
     per_token: np.ndarray | None = None
-    model_name: str = ""
-    score_heldout: np.ndarray | None = None
-    score_no_residual_heldout: np.ndarray | None = None
     settings: dict = dataclasses.field(default_factory=dict)
+    model_name: str = ""
 
     def to_dataframe(self):
         import pandas as pd
@@ -235,18 +258,8 @@ class LinearityResult(Result):
         return df
 
     def figure(self, kind: str = "score"):
-        import plotly.graph_objects as go
-
-        from ..plots import linearity_figure, nonlinearity_heatmap
-        if kind == "per_token":
-            return _annotate(nonlinearity_heatmap(self), self.settings)
-        fig = linearity_figure(self)
-        if self.score_heldout is not None:
-            for y, name in ((self.score_heldout, "with residual, held-out half"),
-                            (self.score_no_residual_heldout, "without residual, held-out half")):
-                fig.add_trace(go.Scatter(x=self.layers, y=y, mode="lines+markers", name=name,
-                                         line={"dash": "dot"}))
-        return _annotate(fig, self.settings)
+        """``kind="score"``: the scores per transition; ``"per_token"``: the per-token nonlinearity heatmap."""
+        return nonlinearity_heatmap(self) if kind == "per_token" else linearity_figure(self)
 
 
 @dataclasses.dataclass(eq=False)
@@ -270,8 +283,8 @@ class ShuffleResult(Result):
                              for i, s in enumerate(self.levels) for j, la in enumerate(self.layers)])
 
     def figure(self):
-        from ..plots import shuffle_figure
-        return _annotate(shuffle_figure(self), self.settings)
+        """ID profiles and losses per shuffle level (see :func:`lensbench.plots.geometry.shuffle_figure`)."""
+        return shuffle_figure(self)
 
 
 @dataclasses.dataclass(eq=False)
@@ -295,7 +308,7 @@ class CorrelationResult(Result):
                              "spearman_r": self.spearman_r, "spearman_p": self.spearman_p})
 
     def figure(self):
-        from ..plots import correlation_figure
+        """Pearson r and Spearman ρ per layer (see :func:`lensbench.plots.geometry.correlation_figure`)."""
         return correlation_figure(self)
 
 
@@ -342,27 +355,29 @@ _VIEW_ARGS = """        exclude_first: True (default) drops position 0 of every 
             without a BOS token); "bos" only a literal BOS token (the old ``exclude_bos=True``); False keeps all.
         last_layer: "post_norm" (default) — layer L is ``final_norm(h_L)``, as HF ``hidden_states[-1]`` and
             the papers; "pre_norm" — the last block's output h_L before the final norm.
-        exclude_bos: deprecated alias (True → exclude_first="bos", False → False)."""
+        Old name: ``exclude_bos`` (True → exclude_first="bos", False → False), with a FutureWarning."""
 
 
+_INTRINSIC_DIMENSION_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, **_ESTIMATOR_PARAMS, **_POOL_PARAMS,
+                               "per": [Options(("prompt", "pooled"))]}
+
+
+@_exclude_bos_alias
+@validate_params(_INTRINSIC_DIMENSION_PARAMS)
 def intrinsic_dimension(m: LensModel, texts, *, estimator: str = "gride", scale: int = 4, per: str = "prompt",
                         layers=None, exclude_first: bool | str = True, last_layer: str = "post_norm",
                         max_points: int = 50_000, batch_size: int | str = "auto", progress: bool = True,
-                        seed: int = 0, exclude_bos: bool | None = None) -> GeometryResult:
+                        seed: int = 0) -> GeometryResult:
     """Intrinsic dimension of each layer's token cloud.
 
     Args:
-        texts: a string or list of strings.
+        texts: a string, a list of strings, or a :class:`~lensbench.capture.Capture` of them (no model pass).
         estimator: "gride" (default; ``scale`` = n2, n1 = n2/2), "twonn", "mle" or "pca" (90% variance).
         per: "prompt" — one ID per prompt per layer (Geometry-of-Tokens; stable for T ≳ 500, warns below);
             "pooled" — tokens of all prompts pooled per layer (LLM-Microscope).
 {view}
         max_points: pooled clouds larger than this are subsampled (seeded).
     """
-    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
-    _check_estimator(estimator, scale)
-    if per not in ("prompt", "pooled"):
-        raise InputError("per must be 'prompt' or 'pooled'.")
     settings = {"estimator": estimator, "scale": scale, "per": per, "exclude_first": exclude_first,
                 "last_layer": last_layer}
     if per == "prompt":
@@ -394,13 +409,17 @@ def intrinsic_dimension(m: LensModel, texts, *, estimator: str = "gride", scale:
 intrinsic_dimension.__doc__ = intrinsic_dimension.__doc__.replace("{view}", _VIEW_ARGS)
 
 
+_POOLED_CLOUDS_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, **_POOL_PARAMS}
+
+
+@_exclude_bos_alias
+@validate_params(_POOLED_CLOUDS_PARAMS)
 def pooled_clouds(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True,
                   last_layer: str = "post_norm", max_points: int = 50_000, batch_size: int | str = "auto",
-                  progress: bool = True, seed: int = 0, exclude_bos: bool | None = None):
+                  progress: bool = True, seed: int = 0):
     """Token clouds pooled over prompts, one ``[N, d]`` float32 CPU tensor per layer (subsampled to
     ``max_points``; ``exclude_first``, ``last_layer`` as in :func:`intrinsic_dimension`). Returns (clouds,
     texts, per-prompt losses, layers)."""
-    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
     layers = m.check_layers(layers)
 
     def reduce(batch: CaptureBatch) -> list:
@@ -417,14 +436,16 @@ def pooled_clouds(m: LensModel, texts, *, layers=None, exclude_first: bool | str
     return pools, cap.texts, np.array([r[1] for r in cap.results]), layers
 
 
+_NEIGHBORHOOD_OVERLAP_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, "k": [Interval(int, 1, None)]}
+
+
+@_exclude_bos_alias
+@validate_params(_NEIGHBORHOOD_OVERLAP_PARAMS)
 def neighborhood_overlap(m: LensModel, texts, *, k: int = 10, layers=None, exclude_first: bool | str = True,
-                         last_layer: str = "post_norm", batch_size: int | str = "auto", progress: bool = True,
-                         exclude_bos: bool | None = None) -> GeometryResult:
+                         last_layer: str = "post_norm", batch_size: int | str = "auto",
+                         progress: bool = True) -> GeometryResult:
     """χ_k(l, l+1): mean fraction of each token's k nearest neighbours shared by adjacent layers, per prompt
     (``exclude_first``, ``last_layer`` as in :func:`intrinsic_dimension`)."""
-    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"k must be a positive int, got {k!r}.")
 
     # each layer's neighbours serve both transitions it takes part in; an entry holds its tensor, so the
     # memory of a cached view cannot be reused by another tensor while the key (its address) is cached
@@ -467,13 +488,16 @@ def anisotropy_of(X: torch.Tensor) -> float:
     return float(s[0] / s.sum())
 
 
+_COSINE_SIMILARITY_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS}
+
+
+@_exclude_bos_alias
+@validate_params(_COSINE_SIMILARITY_PARAMS)
 def cosine_similarity(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True,
-                      last_layer: str = "post_norm", batch_size: int | str = "auto", progress: bool = True,
-                      exclude_bos: bool | None = None) -> GeometryResult:
+                      last_layer: str = "post_norm", batch_size: int | str = "auto",
+                      progress: bool = True) -> GeometryResult:
     """Mean (``values``) and std (``spread``) of pairwise cosine between distinct tokens, per prompt and layer
     (``exclude_first``, ``last_layer`` as in :func:`intrinsic_dimension`)."""
-    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
-
     def fn(X):
         mu, sd = cosine_stats(X)
         return mu, sd, 0
@@ -484,13 +508,15 @@ def cosine_similarity(m: LensModel, texts, *, layers=None, exclude_first: bool |
                           {"exclude_first": exclude_first, "last_layer": last_layer, "diagonal": "excluded"}, m.name)
 
 
+_ANISOTROPY_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS}
+
+
+@_exclude_bos_alias
+@validate_params(_ANISOTROPY_PARAMS)
 def anisotropy(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True, last_layer: str = "post_norm",
-               batch_size: int | str = "auto", progress: bool = True,
-               exclude_bos: bool | None = None) -> GeometryResult:
+               batch_size: int | str = "auto", progress: bool = True) -> GeometryResult:
     """Top eigenvalue of the centred covariance over its trace, per prompt and layer (``exclude_first``,
     ``last_layer`` as in :func:`intrinsic_dimension`)."""
-    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
-
     def fn(X):
         return anisotropy_of(X), float("nan"), 0
     layers, prompts, vals, spread, dups, loss, ntok = _per_prompt(
@@ -522,6 +548,7 @@ class _LstsqSolver:
         return self.V @ (self.inv[:, None] * (self.V.T @ (self.Xn.T @ Yn)))
 
 
+@validate_params({"rcond": [Interval(float, 0, 1, closed="left")]})
 def linear_fit(X, Y, *, rcond: float = 1e-12, _solver: _LstsqSolver | None = None):
     """Linearity score of Y ≈ XA on centred clouds scaled to unit mean squared norm; float64 least squares
     with a singular-value cutoff. Returns (score, A, normalisation dict). Score = 1 − ‖XA − Y‖²_F / N
@@ -540,12 +567,14 @@ def linear_fit(X, Y, *, rcond: float = 1e-12, _solver: _LstsqSolver | None = Non
     return score, A, {"mx": mx, "sx": sx, "my": my, "sy": sy, "solver": solver}
 
 
+@validate_params({"N": [Interval(int, 0, None)], "seed": [int]})
 def split_halves(N: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random split of ``range(N)`` into a fitting half (⌊N/2⌋ rows) and a scoring half."""
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
     return perm[: N // 2], perm[N // 2:]
 
 
+@validate_params({"seed": [int], "rcond": [Interval(float, 0, 1, closed="left")]})
 def linear_fit_heldout(X, Y, *, seed: int = 0, rcond: float = 1e-12, split=None,
                        _solver: _LstsqSolver | None = None) -> float:
     """Held-out linearity score: A fitted (as :func:`linear_fit`) on a random half of the rows, scored on the
@@ -566,9 +595,14 @@ def linear_fit_heldout(X, Y, *, seed: int = 0, rcond: float = 1e-12, split=None,
     return 1.0 - float(((x @ A - y) ** 2).sum()) / float((y ** 2).sum())
 
 
+_LINEARITY_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, **_POOL_PARAMS, "prompt": [None, str]}
+
+
+@_exclude_bos_alias
+@validate_params(_LINEARITY_PARAMS)
 def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, exclude_first: bool | str = True,
               last_layer: str = "post_norm", max_points: int = 50_000, batch_size: int | str = "auto",
-              progress: bool = True, seed: int = 0, exclude_bos: bool | None = None) -> LinearityResult:
+              progress: bool = True, seed: int = 0) -> LinearityResult:
     """Layer-to-layer linearity of the pooled token clouds, with and without the residual stream, and the
     per-token nonlinearity of ``prompt`` (default: the first text) under the maps fitted on the pool.
 
@@ -576,9 +610,9 @@ def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, ex
     of the pooled tokens, scored on the other half: :func:`linear_fit_heldout`). Warns when the pool has
     N < 10·d points (the in-sample score is then inflated by ≈ d/N; at N <= d + 1 it is 1 identically).
     ``exclude_first``, ``last_layer`` as in :func:`intrinsic_dimension` (with "post_norm" the transition
-    L−1 → L maps onto ``final_norm(h_L)``, as the papers' HF ``hidden_states``).
+    L−1 → L maps onto ``final_norm(h_L)``, as the papers' HF ``hidden_states``). With a
+    :class:`~lensbench.capture.Capture` as ``texts``, a ``prompt`` among its texts is read from it too.
     """
-    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
     layers = m.check_layers(layers)
     trans = [la for la in layers if la < m.n_layers]
     needed = sorted(set(trans) | {la + 1 for la in trans})
@@ -595,10 +629,14 @@ def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, ex
                       f"score is inflated by about d/N = {d / N:.2f}; read the held-out score "
                       "(score_heldout) or pool more tokens.", stacklevel=2)
     prompt = prompts[0] if prompt is None else prompt
-    pc = m.capture(prompt, layers=needed, progress=False)
-    ph = pc.hidden_states(0)
-    toks = pc.tokens(0)
-    skip = _skip(m, pc.input_ids(0), exclude_first)
+    if isinstance(texts, Capture) and prompt in texts.texts:  # its hidden states are in the capture
+        i = texts.texts.index(prompt)
+        ph = texts.hidden_states(i)[[texts.layers.index(la) for la in needed]]
+        toks, prompt_ids = texts.tokens(i), texts.input_ids(i)
+    else:
+        pc = m.capture(prompt, layers=needed, progress=False)
+        ph, toks, prompt_ids = pc.hidden_states(0), pc.tokens(0), pc.input_ids(0)
+    skip = _skip(m, prompt_ids, exclude_first)
     ph, toks = ph[:, skip:], toks[skip:]
     split = split_halves(N, seed) if N >= 4 else None
     score, score_nr, per_tok, held, held_nr = [], [], [], [], []
@@ -626,6 +664,7 @@ def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, ex
 
 
 # --------------------------------------------------------------------------------------------- shuffle, correlation
+@validate_params({"ids": [torch.Tensor], "S": [Interval(int, 0, None)], "seed": [int]})
 def block_shuffle(ids: torch.Tensor, S: int, seed: int = 0) -> torch.Tensor:
     """Cut ``ids`` into K = 4^S near-equal consecutive blocks and permute the blocks (seeded; S=0: unchanged)."""
     K = min(4 ** S, len(ids))
@@ -638,16 +677,21 @@ def block_shuffle(ids: torch.Tensor, S: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([blocks[i] for i in perm.tolist()])
 
 
+_SHUFFLE_BASELINE_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, **_ESTIMATOR_PARAMS,
+                            "levels": [SequenceOf(Interval(int, 0, None))], "seed": [int]}
+
+
+@_exclude_bos_alias
+@validate_params(_SHUFFLE_BASELINE_PARAMS)
 def shuffle_baseline(m: LensModel, text: str, *, levels: Sequence[int] = (0, 1, 2, 3, 4, 5), seed: int = 0,
                      estimator: str = "gride", scale: int = 4, layers=None, exclude_first: bool | str = True,
-                     last_layer: str = "post_norm", progress: bool = True,
-                     exclude_bos: bool | None = None) -> ShuffleResult:
+                     last_layer: str = "post_norm", batch_size: int | str = "auto",
+                     progress: bool = True) -> ShuffleResult:
     """Loss and ID profile of ``text`` with its tokens block-shuffled at each level S (K = 4^S blocks).
 
     A literal leading BOS stays in front; every other token is shuffled. ``exclude_first``, ``last_layer``
-    as in :func:`intrinsic_dimension` (position 0 of each shuffled variant is dropped by default)."""
-    exclude_first, last_layer = _view(exclude_first, exclude_bos, last_layer)
-    _check_estimator(estimator, scale)
+    as in :func:`intrinsic_dimension` (position 0 of each shuffled variant is dropped by default). The
+    shuffled copies are new inputs, so this probe runs the model (it takes a text, not a capture)."""
     ids = m.encode(text)
     bos = m.tokenizer.bos_token_id
     head = ids[:1] if bos is not None and int(ids[0]) == bos else ids[:0]
@@ -656,12 +700,17 @@ def shuffle_baseline(m: LensModel, text: str, *, levels: Sequence[int] = (0, 1, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = intrinsic_dimension(m, variants, estimator=estimator, scale=scale, layers=layers,
-                                  exclude_first=exclude_first, last_layer=last_layer, progress=progress)
+                                  exclude_first=exclude_first, last_layer=last_layer, batch_size=batch_size,
+                                  progress=progress)
     return ShuffleResult(levels=list(levels), loss=res.loss, id=res.values, layers=res.layers, text=text, seed=seed,
                          settings={"estimator": estimator, "scale": scale, "exclude_first": exclude_first,
                                    "last_layer": last_layer})
 
 
+_GEOMETRY_LOSS_CORRELATION_PARAMS = {"result": [GeometryResult], "log": [bool]}
+
+
+@validate_params(_GEOMETRY_LOSS_CORRELATION_PARAMS)
 def geometry_loss_correlation(result: GeometryResult, *, log: bool = True) -> CorrelationResult:
     """Pearson and Spearman correlation (with p-values) across prompts, per layer, between a per-prompt
     measure (log of it when ``log``; default for ID) and each prompt's mean next-token loss."""

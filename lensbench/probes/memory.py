@@ -25,7 +25,7 @@ nats per prefix token vs 12.5 held out, above the uniform 7.6 — so held-out cl
 mostly reflect unfamiliar prefixes. Use more text (or ``folds=1`` for in-sample scores, as a descriptive
 measure) before reading the class ranking.
 
->>> res = lb.contextual_memory(m, lb.sample_texts(12), steps=300)
+>>> res = lb.contextual_memory(m, lb.sample_texts(12), n_steps=300)
 >>> res.summary()          # per class: n_tokens, n_texts, mean C per prefix token, 95% CI over texts
 """
 
@@ -46,9 +46,26 @@ from ..capture import Capture
 from ..devices import offloaded_tensor
 from ..errors import InputError
 from ..model import LensModel
+from ..plots.memory import memory_figure
 from ..results import Result
+from ..validation import Interval, Options, renamed_params, validate_params
+from .geometry import _exclude_bos_alias, _skip
 
 CLASSES = ("punctuation", "stopword", "content", "other")
+
+#: the head's training settings, shared by :func:`fit_contextual_memory` and :func:`contextual_memory`
+_HEAD_PARAMS = {
+    "window": [Interval(int, 1, None)],
+    "n_steps": [Interval(int, 1, None)],
+    "lr": [Interval(float, 0, None, closed="neither")],
+    "train_batch_size": [Interval(int, 1, None)],
+    "hidden": [Interval(int, 1, None)],
+    "folds": [Interval(int, 1, None)],
+    "seed": [int],
+    "progress": [bool],
+}
+#: old names of the head's settings
+_HEAD_RENAMES = {"steps": "n_steps", "batch": "train_batch_size"}
 
 
 def token_class(token: str) -> str:
@@ -102,13 +119,20 @@ def _examples(ids: list[torch.Tensor], window: int, skip_first: list[int]):
     return rows, torch.tensor(prefixes, dtype=torch.long).reshape(-1, window), torch.tensor(lengths)
 
 
+_FIT_CONTEXTUAL_MEMORY_PARAMS = {**_HEAD_PARAMS, "embeddings": [torch.Tensor]}
+
+
+@renamed_params(_HEAD_RENAMES)
+@validate_params(_FIT_CONTEXTUAL_MEMORY_PARAMS)
 def fit_contextual_memory(features: Sequence[torch.Tensor], ids: Sequence[torch.Tensor], embeddings: torch.Tensor,
-                          *, window: int = 16, steps: int = 300, lr: float = 3e-3, batch: int = 128,
+                          *, window: int = 16, n_steps: int = 300, lr: float = 3e-3, train_batch_size: int = 128,
                           hidden: int = 128, folds: int = 2, seed: int = 0, skip_first: Sequence[int] | None = None,
                           progress: bool = True) -> dict:
     """Array-level contextual memory. ``features[t]``: ``[T_t, d_feat]`` per-token features of text t;
     ``ids[t]``: ``[T_t]`` its token ids; ``embeddings``: ``[V, d_emb]`` frozen input embeddings for teacher
     forcing; ``skip_first[t]``: leading tokens (BOS) that are neither scored nor reconstructed.
+    ``n_steps``: training steps per fold; ``train_batch_size``: prefixes per training step (old names
+    ``steps``, ``batch``).
 
     Returns a dict of per-token arrays (``text``, ``position``, ``n_prefix``, ``score``, ``score_per_token``)
     and ``train_loss`` (last training loss per fold, nats per prefix token) and ``n_vocab``.
@@ -116,12 +140,6 @@ def fit_contextual_memory(features: Sequence[torch.Tensor], ids: Sequence[torch.
     from tqdm.auto import tqdm
     if len(features) != len(ids) or not len(ids):
         raise InputError("features and ids must be non-empty lists of the same length (one entry per text).")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise InputError(f"window must be a positive int (prefix tokens to reconstruct), got {window!r}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be a positive int (training steps per fold), got {steps!r}.")
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
-        raise InputError(f"folds must be an int >= 1, got {folds!r}.")
     if folds > 1 and len(ids) < folds:
         raise InputError(f"folds={folds} cross-fitting needs at least {folds} texts, got {len(ids)}; pass more "
                          "texts or folds=1 (in-sample scores).")
@@ -150,11 +168,11 @@ def fit_contextual_memory(features: Sequence[torch.Tensor], ids: Sequence[torch.
             tr = torch.nonzero(train).flatten()
             head = PrefixDecoder(feats.shape[1], emb.shape[1], len(vocab), window, hidden)
             opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01, foreach=True)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
-                                                        pct_start=max(0.1, 2 / steps))  # >= 1 warm-up step
-            bar = tqdm(range(steps), desc=f"contextual memory fold {f + 1}/{n_groups}", disable=not progress)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n_steps,
+                                                        pct_start=max(0.1, 2 / n_steps))  # >= 1 warm-up step
+            bar = tqdm(range(n_steps), desc=f"contextual memory fold {f + 1}/{n_groups}", disable=not progress)
             for _ in bar:
-                b = tr[torch.randint(len(tr), (min(batch, len(tr)),), generator=g)]
+                b = tr[torch.randint(len(tr), (min(train_batch_size, len(tr)),), generator=g)]
                 logits = head(feats[b], emb[prefix[b]])
                 lp = torch.log_softmax(logits, -1).gather(-1, target[b, :, None])[..., 0]
                 loss = -(lp * mask[b]).sum() / mask[b].sum()
@@ -200,7 +218,8 @@ class ContextualMemoryResult(Result):
             tokens with a full window (all tokens if none has): tokens, mean and the 95% CI of
             :func:`lensbench.stats.mean_ci` with the texts as clusters.
         class_n_texts: ``[n_classes]`` texts those tokens come from; class_ci_method: "t" / "bca" / "none".
-        settings: layers, window, steps, folds, seed, hidden, n_vocab, train_loss, ci.
+        settings: layers, window, n_steps, folds, seed, hidden, lr, train_batch_size, exclude_first, n_vocab,
+            train_loss, ci (results saved before the renaming hold ``steps`` and ``batch``).
     """
 
     texts: list
@@ -239,34 +258,9 @@ class ContextualMemoryResult(Result):
         return df.sort_values("mean_C_per_token").reset_index(drop=True)
 
     def figure(self, kind: str = "classes", text: int = 0):
-        """``kind="classes"``: mean C per prefix token per class with CIs; ``"tokens"``: per token of ``text``."""
-        import plotly.graph_objects as go
-        if kind == "tokens":
-            sel = self.text_index == text
-            toks = [t for t, s in zip(self.token, sel) if s]
-            fig = go.Figure(go.Bar(x=list(range(int(sel.sum()))), y=self.score_per_token[sel],
-                                   hovertext=toks, marker_color="#4c78a8"))
-            fig.update_layout(title=f"Contextual memory per token (text {text}): C per prefix token, nats",
-                              xaxis=dict(tickvals=list(range(len(toks))), ticktext=toks, tickangle=-60),
-                              yaxis_title="−log P(prefix | e_i) / n_prefix", height=380)
-            return fig
-        if kind != "classes":
-            raise InputError("kind must be 'classes' or 'tokens'.")
-        ok = self.class_n > 0
-        cls = [c for c, o in zip(self.classes, ok) if o]
-        fig = go.Figure(go.Bar(
-            x=cls, y=self.class_mean[ok], marker_color="#4c78a8",
-            error_y=dict(type="data", symmetric=False, array=(self.class_hi - self.class_mean)[ok],
-                         arrayminus=(self.class_mean - self.class_lo)[ok]),
-            hovertext=[f"{n} tokens from {t} texts" for n, t in zip(
-                self.class_n[ok], (self.class_n_texts if self.class_n_texts is not None
-                                   else np.full(len(self.classes), -1))[ok])]))
-        n_texts = len(set(np.asarray(self.text_index).tolist()))
-        fig.update_layout(title="Contextual memory by token class (lower = more of the prefix recoverable)"
-                                f"<br><sup>95% CIs resample the {n_texts} texts (t interval below 20); "
-                                f"{int(self.class_n.sum())} tokens</sup>", margin={"t": 80},
-                          yaxis_title="mean −log P(prefix | e_i) per prefix token, nats", height=380)
-        return fig
+        """``kind="classes"``: mean C per prefix token per class with CIs; ``"tokens"``: per token of ``text``
+        (see :func:`lensbench.plots.memory.memory_figure`)."""
+        return memory_figure(self, kind, text)
 
 
 def _summarise(score_pt: np.ndarray, classes: list[str], full: np.ndarray, text: np.ndarray, n_boot: int,
@@ -287,21 +281,38 @@ def _summarise(score_pt: np.ndarray, classes: list[str], full: np.ndarray, text:
     return np.array(n), np.array(n_texts), np.array(mean), np.array(lo), np.array(hi), method
 
 
-def contextual_memory(m: LensModel, texts, *, layers=None, window: int = 16, steps: int = 300, lr: float = 3e-3,
-                      batch: int = 128, hidden: int = 128, folds: int = 2, seed: int = 0, n_boot: int = 1000,
-                      exclude_bos: bool = True, batch_size: int | str = "auto",
+_CONTEXTUAL_MEMORY_PARAMS = {
+    **_HEAD_PARAMS,
+    "m": [LensModel],
+    "n_boot": [Interval(int, 1, None)],
+    "exclude_first": [Options((True, False, "bos"))],
+    "batch_size": [Options({"auto"}), Interval(int, 1, None)],
+}
+
+
+@renamed_params(_HEAD_RENAMES)
+@_exclude_bos_alias(stacklevel=3)
+@validate_params(_CONTEXTUAL_MEMORY_PARAMS)
+def contextual_memory(m: LensModel, texts, *, layers=None, window: int = 16, n_steps: int = 300, lr: float = 3e-3,
+                      train_batch_size: int = 128, hidden: int = 128, folds: int = 2, seed: int = 0,
+                      n_boot: int = 1000, exclude_first: bool | str = "bos", batch_size: int | str = "auto",
                       progress: bool = True) -> ContextualMemoryResult:
     """LLM-Microscope's contextualisation score C_i = −log P(w_{i-W}..w_{i-1} | e_i) for every token of
-    ``texts`` (a list of strings, or a :class:`Capture` with the layers), from a small prefix decoder trained
-    on frozen hidden states (see the module docstring).
+    ``texts`` (a list of strings, or a :class:`Capture` with the layers: no model pass then), from a small
+    prefix decoder trained on frozen hidden states (see the module docstring).
 
     Args:
         layers: layers whose residuals form e_i (concatenated; default: four evenly spaced, 1/4 … L).
-        window: prefix tokens reconstructed (W). steps, lr, batch, hidden: the head's training.
+        window: prefix tokens reconstructed (W).
+        n_steps, lr, train_batch_size, hidden: the head's training (steps per fold, learning rate, prefixes
+            per step, hidden units; old names ``steps``, ``batch``).
         folds: cross-fitting groups of texts (each token scored by a head not trained on its text);
             ``folds=1`` scores in-sample.
         n_boot: bootstrap resamples for the per-class confidence intervals (from 20 texts on; below, a t
             interval over texts needs none).
+        exclude_first: leading position neither scored nor reconstructed: "bos" (default) only a literal BOS
+            token, True position 0 whatever it is, False none (old name ``exclude_bos``: True is "bos").
+        batch_size: texts per forward pass of the model (not used with a :class:`Capture`).
     """
     L = m.n_layers
     if layers is None:
@@ -316,7 +327,6 @@ def contextual_memory(m: LensModel, texts, *, layers=None, window: int = 16, ste
         if isinstance(texts, str):
             texts = [texts]
         cap = m.capture(texts, layers=layers, batch_size=batch_size, progress=progress)
-    bos = m.tokenizer.bos_token_id
     feats, ids, skip = [], [], []
     for i in range(len(cap)):
         h = cap.hidden_states(i)[[cap.layers.index(la) for la in layers]].float()     # [n_l, T, d]
@@ -324,22 +334,24 @@ def contextual_memory(m: LensModel, texts, *, layers=None, window: int = 16, ste
         feats.append(h.permute(1, 0, 2).reshape(h.shape[1], -1))
         seq = cap.input_ids(i)
         ids.append(seq)
-        skip.append(1 if exclude_bos and bos is not None and len(seq) and int(seq[0]) == bos else 0)
+        skip.append(_skip(m, seq, exclude_first))
     emb = m.embed_module.weight
     if emb.device.type == "meta":  # offloaded by accelerate (device_map / disk offload): its hook holds the values
         emb = offloaded_tensor(m.model, f"{m.anatomy.embed}.weight")
         if emb is None:
             raise InputError(f"the input embedding of {m.name} is on the meta device and no accelerate hook holds its "
                              "weights; load the model with its weights (device_map / offload_folder).")
-    out = fit_contextual_memory(feats, ids, emb, window=window, steps=steps, lr=lr, batch=batch, hidden=hidden,
-                                folds=folds, seed=seed, skip_first=skip, progress=progress)
+    out = fit_contextual_memory(feats, ids, emb, window=window, n_steps=n_steps, lr=lr,
+                                train_batch_size=train_batch_size, hidden=hidden, folds=folds, seed=seed,
+                                skip_first=skip, progress=progress)
     toks_all = [cap.tokens(i) for i in range(len(cap))]
     token = [toks_all[t][p] for t, p in zip(out["text"], out["position"])]
     cls = [token_class(t) for t in token]
     n, n_texts, mean, lo, hi, method = _summarise(out["score_per_token"], cls, out["n_prefix"] == window,
                                                   out["text"], n_boot, seed)
-    settings = {"layers": list(layers), "window": window, "steps": steps, "folds": folds, "seed": seed,
-                "hidden": hidden, "lr": lr, "batch": batch, "n_vocab": out["n_vocab"],
+    settings = {"layers": list(layers), "window": window, "n_steps": n_steps, "folds": folds, "seed": seed,
+                "hidden": hidden, "lr": lr, "train_batch_size": train_batch_size, "n_vocab": out["n_vocab"],
+                "exclude_first": exclude_first,
                 "train_loss": out["train_loss"], "uniform_baseline": math.log(out["n_vocab"]),
                 "summary_over": "full-window tokens" if (out["n_prefix"] == window).any() else "all tokens",
                 "ci": "lensbench.stats.mean_ci over texts (clusters): t below 20 texts, BCa from 20",
@@ -349,3 +361,6 @@ def contextual_memory(m: LensModel, texts, *, layers=None, window: int = 16, ste
                                   score_per_token=out["score_per_token"], classes=list(CLASSES), class_n=n,
                                   class_mean=mean, class_lo=lo, class_hi=hi, settings=settings, model_name=m.name,
                                   class_n_texts=n_texts, class_ci_method=method)
+
+
+contextual_memory.renamed_params = {**_HEAD_RENAMES, "exclude_bos": "exclude_first"}  # both layers of old names
