@@ -50,6 +50,17 @@ def filler_string(length: int, unit: str = " .") -> str:
     return unit * (length * length)
 
 
+def _planted_labels(rng_key: str, n_items: int, positive_rate: float) -> tuple[random.Random, list[bool]]:
+    """(the item generator seeded by ``rng_key``, ``n_items`` wanted labels in a random order, of which
+    ``round(n_items * positive_rate)`` are True); ``positive_rate`` is validated here."""
+    positive_rate = _rate(positive_rate, "positive_rate")
+    rng = random.Random(rng_key)
+    n_pos = round(n_items * positive_rate)
+    wants = [True] * n_pos + [False] * (n_items - n_pos)
+    rng.shuffle(wants)
+    return rng, wants
+
+
 def three_sum(n_items: int, length: int = 8, dim: int = 3, *, seed: int = 0, positive_rate: float = 0.5,
               mod: int = 10) -> list[dict]:
     """3SUM items: ``question`` = the tuples (``"123 456 …"``), ``answer`` = ``" True"``/``" False"``.
@@ -63,11 +74,7 @@ def three_sum(n_items: int, length: int = 8, dim: int = 3, *, seed: int = 0, pos
     length = _check(length, "length", 3, 64)
     dim = _check(dim, "dim", 1, 8)
     mod = _check(mod, "mod", 2, 10)
-    positive_rate = _rate(positive_rate, "positive_rate")
-    rng = random.Random(f"three_sum:{seed}:{length}:{dim}:{mod}")
-    n_pos = round(n_items * positive_rate)
-    wants = [True] * n_pos + [False] * (n_items - n_pos)
-    rng.shuffle(wants)
+    rng, wants = _planted_labels(f"three_sum:{seed}:{length}:{dim}:{mod}", n_items, positive_rate)
     items = []
     for want in wants:
         for _attempt in range(10_000):
@@ -97,11 +104,7 @@ def two_sum_transform(n_items: int, length: int = 6, dim: int = 3, *, seed: int 
     n_items = _check(n_items, "n_items", 1)
     length = _check(length, "length", 2, 64)
     dim = _check(dim, "dim", 1, 8)
-    positive_rate = _rate(positive_rate, "positive_rate")
-    rng = random.Random(f"two_sum:{seed}:{length}:{dim}:{mod}")
-    n_pos = round(n_items * positive_rate)
-    wants = [True] * n_pos + [False] * (n_items - n_pos)
-    rng.shuffle(wants)
+    rng, wants = _planted_labels(f"two_sum:{seed}:{length}:{dim}:{mod}", n_items, positive_rate)
 
     def label_of(t):
         return any(all((x + y) % mod == 0 for x, y in zip(a, b)) for a, b in itertools.combinations(t, 2))
