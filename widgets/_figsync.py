@@ -5,12 +5,15 @@ A ``FigureWidget`` sends traces added after construction as transient ``_py2js_*
 (when it is displayed directly). Inside a container (an explorer, the Workbench) a front end that loads the
 figure's JavaScript late — plotly >= 6 ``FigureWidget`` is an anywidget with a multi-MB bundle — misses those
 messages and draws an empty plot (plotly/plotly.py#4998; the intermittent "first draw lost" of the lens browser
-test). :func:`sync_figure_widgets` refreshes that state the same way plotly's ``_repr_mimebundle_`` does.
+test). :func:`sync_figure_widgets` refreshes that state the same way plotly's ``_repr_mimebundle_`` does;
+:class:`SyncedVBox` (the explorers' and the Workbench's base) does it whenever it is displayed.
 """
 
 from __future__ import annotations
 
 from copy import deepcopy
+
+import ipywidgets as W
 
 
 def sync_figure_widgets(widget) -> int:
@@ -28,3 +31,11 @@ def sync_figure_widgets(widget) -> int:
             n += 1
         stack.extend(getattr(w, "children", ()) or ())
     return n
+
+
+class SyncedVBox(W.VBox):
+    """A ``VBox`` whose nested ``FigureWidget`` s carry their whole figure when it is displayed."""
+
+    def _repr_mimebundle_(self, **kw):
+        sync_figure_widgets(self)
+        return super()._repr_mimebundle_(**kw)

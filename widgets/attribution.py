@@ -15,12 +15,13 @@ import plotly.graph_objects as go
 import lensbench as lb
 from lensbench.plots import attribution_figure, attribution_html
 
-from ._figsync import sync_figure_widgets
+from ._chrome import USER_ERRORS, error_html, tag
+from ._figsync import SyncedVBox
 
 DEFAULT_METHODS = ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "rollout")
 
 
-class AttributionExplorer(W.VBox):
+class AttributionExplorer(SyncedVBox):
     """Attribution of a prompt's next token, or of each token of a greedy generation.
 
     Args:
@@ -46,8 +47,8 @@ class AttributionExplorer(W.VBox):
             for meth in methods:
                 kw = dict(opts.get(meth, {}), **({"target": target} if target is not None else {}))
                 self.results[meth] = lb.attribute(m, text, method=meth, generate=generate, progress=False, **kw)
-        except (lb.LensbenchError, ValueError) as e:
-            self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+        except USER_ERRORS as e:
+            self.error.value = error_html(e)
         first = next(iter(self.results.values()), None)
         targets = first.target_tokens if first else []
         self.method = W.Dropdown(options=list(self.results), description="method")
@@ -60,10 +61,8 @@ class AttributionExplorer(W.VBox):
         self.heatmap = go.FigureWidget()
         self.faith_button = W.Button(description="Compute faithfulness", icon="check")
         self.faith = W.HTML("")
-        self.method.add_class("lb-attr-method")
-        self.target_buttons.add_class("lb-attr-targets")
-        self.main.add_class("lb-attr-main")
-        self.baseline_info.add_class("lb-attr-baseline")
+        tag((self.method, "lb-attr-method"), (self.target_buttons, "lb-attr-targets"), (self.main, "lb-attr-main"),
+            (self.baseline_info, "lb-attr-baseline"))
         self.method.observe(lambda _c: self.redraw(), names="value")
         self.target_buttons.observe(lambda _c: self.redraw(), names="value")
         self.faith_button.on_click(lambda _b: self.compute_faithfulness())
@@ -72,10 +71,6 @@ class AttributionExplorer(W.VBox):
                           W.HBox([self.faith_button]), self.faith])
         self.add_class("lb-attribution-explorer")
         self.redraw()
-
-    def _repr_mimebundle_(self, **kw):
-        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
-        return super()._repr_mimebundle_(**kw)
 
     @property
     def target(self) -> int:

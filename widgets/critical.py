@@ -16,9 +16,10 @@ import numpy as np
 import plotly.graph_objects as go
 
 import lensbench as lb
-from lensbench.probes.critical import critical_figure
+from lensbench.plots import critical_figure
 
-from ._figsync import sync_figure_widgets
+from ._chrome import USER_ERRORS, error_html, placeholder_html
+from ._figsync import SyncedVBox
 
 COLOURINGS = {
     "rollout drop": "criticality",
@@ -32,7 +33,7 @@ def _verdict(ok: bool) -> str:
             else "<span style='color:#b00;font-weight:bold'>✗</span>")
 
 
-class CriticalTokenExplorer(W.VBox):
+class CriticalTokenExplorer(SyncedVBox):
     """Critical tokens of one response.
 
     Args:
@@ -58,8 +59,8 @@ class CriticalTokenExplorer(W.VBox):
             try:
                 critical_kw.setdefault("progress", False)
                 self.result = lb.critical_tokens(m, prompt, response, checker=checker, **critical_kw)
-            except (lb.LensbenchError, ValueError) as e:
-                self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+            except USER_ERRORS as e:
+                self.error.value = error_html(e)
         options = [k for k, v in COLOURINGS.items() if v != "contrastive" or contrastive is not None]
         self.colour = W.Dropdown(options=options, value=options[0], description="colour by")
         self.colour.add_class("lb-crit-colour")
@@ -68,7 +69,7 @@ class CriticalTokenExplorer(W.VBox):
         self.tokens_box.add_class("lb-crit-tokens")
         self.curve = go.FigureWidget()
         self.curve.layout.height = 360
-        self.detail = W.HTML("<i>click a token to see its sampled continuations</i>")
+        self.detail = W.HTML(placeholder_html("click a token to see its sampled continuations"))
         self.detail.add_class("lb-crit-continuations")
         self.token_buttons: list[W.Button] = []
         self.selected: int | None = None
@@ -77,10 +78,6 @@ class CriticalTokenExplorer(W.VBox):
         self.add_class("lb-critical-explorer")
         if self.result is not None:
             self._build()
-
-    def _repr_mimebundle_(self, **kw):
-        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
-        return super()._repr_mimebundle_(**kw)
 
     # ---- construction
     def _build(self) -> None:

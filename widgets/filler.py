@@ -13,10 +13,11 @@ import plotly.graph_objects as go
 
 import lensbench as lb
 
-from ._figsync import sync_figure_widgets
+from ._chrome import USER_ERRORS, error_html, tag
+from ._figsync import SyncedVBox
 
 
-class FillerExplorer(W.VBox):
+class FillerExplorer(SyncedVBox):
     """Explore :func:`lensbench.filler_ablation` and :func:`lensbench.filler_sweep` results.
 
     Args:
@@ -46,8 +47,8 @@ class FillerExplorer(W.VBox):
                 items = items if items is not None else lb.tasks.factual(style="cloze")[::30][:8]
                 self.sweep = lb.filler_sweep(m, items, fillers=fillers, counts=counts, progress=False,
                                              **(sweep_options or {}))
-        except (lb.LensbenchError, ValueError) as e:
-            self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+        except USER_ERRORS as e:
+            self.error.value = error_html(e)
         has_acc = self.ablation is not None and bool(self.ablation.correct_orig.isfinite().any())
         self.ablation_metric = W.Dropdown(options=[("Δ loss", "delta_loss")] + ([("accuracy", "accuracy")]
                                           if has_acc else []), description="ablation")
@@ -64,11 +65,10 @@ class FillerExplorer(W.VBox):
         self.sweep_fig = go.FigureWidget()
         self.text = W.HTML("")
         self.stats = W.HTML("")
-        for w, c in ((self.ablation_metric, "lb-filler-ablation-metric"), (self.sweep_metric, "lb-filler-sweep-metric"),
-                     (self.cls, "lb-filler-class"), (self.text_index, "lb-filler-index"),
-                     (self.control, "lb-filler-control"), (self.text, "lb-filler-textview"),
-                     (self.ablation_fig, "lb-filler-ablation-plot"), (self.sweep_fig, "lb-filler-sweep-plot")):
-            w.add_class(c)
+        tag((self.ablation_metric, "lb-filler-ablation-metric"), (self.sweep_metric, "lb-filler-sweep-metric"),
+            (self.cls, "lb-filler-class"), (self.text_index, "lb-filler-index"), (self.control, "lb-filler-control"),
+            (self.text, "lb-filler-textview"), (self.ablation_fig, "lb-filler-ablation-plot"),
+            (self.sweep_fig, "lb-filler-sweep-plot"))
         self.ablation_metric.observe(lambda _c: self.draw_ablation(), names="value")
         self.sweep_metric.observe(lambda _c: self.draw_sweep(), names="value")
         for w in (self.cls, self.text_index, self.control):
@@ -80,10 +80,6 @@ class FillerExplorer(W.VBox):
         self.draw_ablation()
         self.draw_sweep()
         self.draw_text()
-
-    def _repr_mimebundle_(self, **kw):
-        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
-        return super()._repr_mimebundle_(**kw)
 
     @staticmethod
     def _set(target: go.FigureWidget, fig: go.Figure) -> None:

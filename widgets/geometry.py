@@ -9,7 +9,6 @@ norm (HF ``hidden_states[-1]``, the papers') or before it; every figure's subtit
 
 from __future__ import annotations
 
-import html
 import warnings
 
 import ipywidgets as W
@@ -18,7 +17,8 @@ import plotly.graph_objects as go
 
 import lensbench as lb
 
-from ._figsync import sync_figure_widgets
+from ._chrome import USER_ERRORS, error_html, tag
+from ._figsync import SyncedVBox
 
 VIEWS = [("ID profile", "id"), ("neighbourhood overlap", "overlap"), ("cosine similarity", "cosine"),
          ("anisotropy", "anisotropy"), ("linearity per layer", "linearity"),
@@ -28,7 +28,7 @@ VIEWS = [("ID profile", "id"), ("neighbourhood overlap", "overlap"), ("cosine si
 LAYER_VIEWS = ("id", "overlap", "cosine", "anisotropy", "linearity")  # views whose x axis is the layer
 
 
-class GeometryExplorer(W.VBox):
+class GeometryExplorer(SyncedVBox):
     """Geometry views over one capture of ``texts``.
 
     Args:
@@ -54,8 +54,7 @@ class GeometryExplorer(W.VBox):
         self.layer = W.IntSlider(description="layer", min=0, max=m.n_layers, value=m.n_layers // 2,
                                  continuous_update=False)
         self.k = k
-        for w, cls in ((self.view, "lb-geo-view"), (self.estimator, "lb-geo-estimator"), (self.layer, "lb-geo-layer")):
-            w.add_class(cls)
+        tag((self.view, "lb-geo-view"), (self.estimator, "lb-geo-estimator"), (self.layer, "lb-geo-layer"))
         self.capture, self.prompt, self.linearity, self.shuffle = None, prompt or "", None, None
         try:  # bad input is shown in the explorer, never raised into the notebook
             with warnings.catch_warnings():
@@ -65,9 +64,9 @@ class GeometryExplorer(W.VBox):
                 self.linearity = lb.linearity(m, self.capture, prompt=self.prompt, progress=False)
                 self.shuffle = (lb.shuffle_baseline(m, self.prompt, levels=tuple(shuffle_levels), progress=False)
                                 if shuffle_levels else None)
-        except (lb.LensbenchError, ValueError) as e:
+        except USER_ERRORS as e:
             self.capture = None
-            self._startup_error = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+            self._startup_error = error_html(e)
         self._cache: dict = {}
         for w in (self.view, self.estimator, self.scale, self.layer, self.last_layer):
             w.observe(lambda _c: self.redraw(), names="value")
@@ -75,10 +74,6 @@ class GeometryExplorer(W.VBox):
                           self.fig])
         self.add_class("lb-geometry-explorer")
         self.redraw()
-
-    def _repr_mimebundle_(self, **kw):
-        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
-        return super()._repr_mimebundle_(**kw)
 
     def measure(self, name: str) -> lb.GeometryResult:
         """A per-prompt measure from the held capture (memoised)."""
@@ -129,8 +124,8 @@ class GeometryExplorer(W.VBox):
         self.error.value = ""
         try:
             new = self._figure()
-        except (lb.LensbenchError, ValueError) as e:
-            self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+        except USER_ERRORS as e:
+            self.error.value = error_html(e)
             return
         with self.fig.batch_update():
             self.fig.data = []

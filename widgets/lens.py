@@ -7,22 +7,20 @@ sliders, lens switch) redraws from results already held — no model pass.
 
 from __future__ import annotations
 
-import html
-
 import ipywidgets as W
 import plotly.graph_objects as go
 
 import lensbench as lb
 from lensbench.plots import STAT_LABELS, lens_heatmap, lens_heatmap_data
-from lensbench.probes.lens import TunedLens
 
-from ._figsync import sync_figure_widgets
+from ._chrome import USER_ERRORS, error_html, status_html, tag
+from ._figsync import SyncedVBox
 
 STAT_CHOICES = [(STAT_LABELS[k], k) for k in
                 ("top1_prob", "entropy", "kl_to_final", "ce_next", "top1_confidence", "target_prob", "target_rank")]
 
 
-class LogitLensExplorer(W.VBox):
+class LogitLensExplorer(SyncedVBox):
     """Layers × positions heatmap of a lens statistic, with hover top-k, a target box, sliders and a lens switch.
 
     Args:
@@ -39,7 +37,7 @@ class LogitLensExplorer(W.VBox):
         error: an ``HTML`` widget where bad input is explained (no traceback in the notebook).
     """
 
-    def __init__(self, m, text: str = "The capital of France is", *, tuned: TunedLens | None = None,
+    def __init__(self, m, text: str = "The capital of France is", *, tuned: lb.TunedLens | None = None,
                  compare: str | None = None, top_k: int = 10, stat: str = "top1_prob"):
         self.m, self.tuned, self.top_k = m, tuned, top_k
         self.results: dict[str, lb.LensResult] = {}
@@ -65,9 +63,8 @@ class LogitLensExplorer(W.VBox):
         self.topk_fig = go.Figure(layout={"width": 330, "height": 380})
         self.compare_heatmap = go.Figure(layout={"autosize": True})
         self.compare_box_widget = W.Box([], layout=W.Layout(display="none"))
-        for w, cls in ((self.layer, "lb-layer-slider"), (self.position, "lb-position-slider"),
-                       (self.target, "lb-target-box"), (self.stat, "lb-stat"), (self.run_button, "lb-run")):
-            w.add_class(cls)
+        tag((self.layer, "lb-layer-slider"), (self.position, "lb-position-slider"), (self.target, "lb-target-box"),
+            (self.stat, "lb-stat"), (self.run_button, "lb-run"))
         self.run_button.on_click(lambda _b: self.run())
         self.stat.observe(lambda _c: self._redraw(), names="value")
         self.lens_switch.observe(lambda _c: self._redraw(), names="value")
@@ -86,10 +83,6 @@ class LogitLensExplorer(W.VBox):
                                             side]), self.compare_box_widget])
         self.add_class("lb-lens-explorer")
 
-    def _repr_mimebundle_(self, **kw):
-        sync_figure_widgets(self)  # nested FigureWidgets carry their whole figure (see widgets/_figsync.py)
-        return super()._repr_mimebundle_(**kw)
-
     # ---- model work (only on a new text)
     def _compute(self, text: str) -> dict[str, lb.LensResult]:
         out = {"logit": lb.logit_lens(self.m, text, top_k=self.top_k, keep_hidden=True, progress=False)}
@@ -107,8 +100,8 @@ class LogitLensExplorer(W.VBox):
             self.compare_results = self._compute(cmp) if cmp.strip() else {}
             if self.target.value:
                 self._apply_target()
-        except (lb.LensbenchError, ValueError) as e:
-            self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+        except USER_ERRORS as e:
+            self.error.value = error_html(e)
             return
         T = len(self.results["logit"].tokens)
         self.position.max = T - 1
@@ -126,8 +119,8 @@ class LogitLensExplorer(W.VBox):
             return
         try:
             self._apply_target()
-        except (lb.LensbenchError, ValueError) as e:
-            self.error.value = f"<span style='color:#b00'>⚠ {html.escape(str(e))}</span>"
+        except USER_ERRORS as e:
+            self.error.value = error_html(e)
             return
         if self.target.value and self.stat.value not in ("target_prob", "target_rank"):
             self.stat.value = "target_prob"  # triggers a redraw
@@ -167,8 +160,8 @@ class LogitLensExplorer(W.VBox):
             self.compare_box_widget.layout.display = "none"
         self._draw_topk()
         r = self.current
-        self.status.value = (f"<small>{r.lens} lens · {len(r.layers)} layers × {len(r.tokens)} tokens · "
-                             f"{html.escape(r.model_name)}</small>")
+        self.status.value = status_html(f"{r.lens} lens · {len(r.layers)} layers × {len(r.tokens)} tokens · "
+                                        f"{r.model_name}", "note")
 
     # ---- selection from outside (e.g. the Workbench); no model pass
     def show_layer(self, layer: int) -> None:

@@ -1,9 +1,10 @@
 """``Workbench``: one app over every probe explorer — a model/text input, a tab per explorer, shared state.
 
 Pick a token position in the lens and jump to its attribution; pick a layer in geometry and the lens shows that
-layer. Model work (loading, building an explorer) runs in a background thread: the notebook's widgets stay live,
-a progress line counts the model's forward passes, and **Cancel** stops the job at the next forward pass of a
-block. A bad input (empty text, unknown model, a too-long text, ...) is shown as a message in the app.
+layer. Model work (loading, building an explorer) runs in a background thread (:class:`~._jobs.JobRunner`): the
+notebook's widgets stay live, a progress line counts the model's forward passes, and **Cancel** stops the job at
+the next forward pass of a block. A bad input (empty text, unknown model, a too-long text, ...) is shown as a
+message in the app.
 
 Tabs come from a small registry, :data:`EXPLORERS` (name -> :class:`TabSpec`), so a new explorer becomes a tab
 with one :func:`register_explorer` call. Each tab is built lazily (when first shown) and rebuilt only when what it
@@ -13,142 +14,39 @@ picking a geometry layer never runs the model.
 
 from __future__ import annotations
 
-import html
-import threading
-import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 
 import ipywidgets as W
 
 import lensbench as lb
-from lensbench.engine import Cancelled as EngineCancelled
-from lensbench.engine import cancel_scope
 
-from ._figsync import sync_figure_widgets
+from ._chrome import placeholder_html, tag
+from ._figsync import SyncedVBox, sync_figure_widgets
+from ._jobs import Cancelled, JobRunner
+from ._tabs import DEFAULT_TABS, Link, TabSpec
 
-__all__ = ["Workbench", "TabSpec", "EXPLORERS", "register_explorer", "Cancelled"]
-
-
-class Cancelled(Exception):  # noqa: N818 - reads naturally: "raise Cancelled"
-    """Raised inside a Workbench job (at the next model forward) after **Cancel** was pressed."""
-
-
-@dataclass
-class TabSpec:
-    """One Workbench tab.
-
-    Attributes:
-        name: the tab title.
-        build: ``build(wb) -> widget``; runs in the worker thread and may run the model.
-        key: ``key(wb) -> hashable``: the tab is rebuilt when this changes (default: model and text).
-    """
-
-    name: str
-    build: Callable[[Workbench], W.Widget]
-    key: Callable[[Workbench], Hashable] | None = None
-
-    def key_for(self, wb: Workbench) -> Hashable:
-        return self.key(wb) if self.key is not None else (id(wb.m), wb.text)
-
-
-def _build_lens(wb: Workbench) -> W.Widget:
-    from .lens import LogitLensExplorer
-    ex = LogitLensExplorer(wb.m, wb.text, tuned=wb.tuned, **wb.options.get("lens", {}))
-    for w in (ex.text_box, ex.run_button):  # the Workbench's own text box drives it
-        w.layout.display = "none"
-    return ex
-
-
-def _build_geometry(wb: Workbench) -> W.Widget:
-    from .geometry import GeometryExplorer
-    texts = wb.geometry_texts if wb.geometry_texts is not None else (
-        [wb.text] + [t[:400] for t in lb.sample_texts(3)])
-    opts = {"shuffle_levels": ()}
-    opts.update(wb.options.get("geometry", {}))
-    ex = GeometryExplorer(wb.m, texts, prompt=wb.text, **opts)
-    if wb.layer is not None:
-        ex.pick_layer(wb.layer)
-    return ex
-
-
-def _build_attribution(wb: Workbench) -> W.Widget:
-    from .attribution import AttributionExplorer
-    prefix, target = wb.prediction_at(wb.position)
-    opts = {"methods": ("saliency", "grad_x_input", "integrated_gradients", "occlusion"), "generate": 0}
-    opts.update(wb.options.get("attribution", {}))
-    return AttributionExplorer(wb.m, prefix, target=target, **opts)
-
-
-def _build_critical(wb: Workbench) -> W.Widget:
-    """Rollout criticality of the token at the selected position: prompt = the text before it, response = the
-    rest, only that token evaluated (``positions=[0]``); default checker: the text's last word is reproduced."""
-    import re
-
-    from .critical import CriticalTokenExplorer
-    opts = {"n_samples": 8, "max_new_tokens": 8}
-    opts.update(wb.options.get("critical", {}))
-    ids = wb.m.encode(wb.text)
-    p = len(ids) - 1 if wb.position is None else min(wb.position, len(ids) - 1)
-    if p < 1:
-        raise lb.InputError("criticality needs at least one prompt token before the selected position; "
-                            "pick a later position in the lens.")
-    dec = wb.m.tokenizer.decode
-    prompt, response = dec(ids[:p].tolist(), skip_special_tokens=True), dec(ids[p:].tolist(), skip_special_tokens=True)
-    checker = opts.pop("checker", None)
-    if checker is None:
-        words = re.findall(r"\w+", wb.text)
-        if not words:
-            raise lb.InputError("the text has no word to check; pass options={'critical': {'checker': ...}}.")
-        checker = lb.checkers.regex(re.escape(words[-1]))
-    return CriticalTokenExplorer(wb.m, prompt, response, checker=checker, positions=[0], **opts)
-
-
-def _build_filler(wb: Workbench) -> W.Widget:
-    """Token-class ablation on the text (plus shipped texts, for spread) and the filler sweep. The ablation scores
-    a continuation of each context, so a text of fewer than 24 words/punctuation marks is left out (a note says so)."""
-    import re
-
-    from .filler import FillerExplorer
-    long_enough = len(re.findall(r"\w+|[^\w\s]", wb.text)) >= 24
-    opts = {"texts": ([wb.text] if long_enough else []) + [t[:400] for t in lb.sample_texts(3 - long_enough)]}
-    opts.update(wb.options.get("filler", {}))
-    ex = FillerExplorer(wb.m, **opts)
-    if not long_enough and "texts" not in wb.options.get("filler", {}):
-        note = W.HTML("<small>The text is too short for the ablation (it scores a continuation): the ablation uses "
-                      "three shipped texts. Type 24+ words to include yours.</small>")
-        return W.VBox([note, ex])
-    return ex
-
-
-def _position_key(wb: Workbench) -> Hashable:
-    return (id(wb.m), wb.text, wb.position)
-
+__all__ = ["Workbench", "TabSpec", "Link", "EXPLORERS", "register_explorer", "Cancelled"]
 
 #: The Workbench's tabs, in order: name -> :class:`TabSpec`. Extend with :func:`register_explorer`.
-EXPLORERS: dict[str, TabSpec] = {
-    "lens": TabSpec("lens", _build_lens),
-    "geometry": TabSpec("geometry", _build_geometry),
-    "attribution": TabSpec("attribution", _build_attribution, _position_key),
-}
-EXPLORERS["filler"] = TabSpec("filler", _build_filler)
-EXPLORERS["criticality"] = TabSpec("criticality", _build_critical, _position_key)
+EXPLORERS: dict[str, TabSpec] = {spec.name: spec for spec in DEFAULT_TABS}
 
 
 def register_explorer(name: str, build: Callable[[Workbench], W.Widget],
-                      key: Callable[[Workbench], Hashable] | None = None) -> None:
+                      key: Callable[[Workbench], Hashable] | None = None, *, needs: tuple[str, ...] = (),
+                      attach: Callable[[Workbench, W.Widget], None] | None = None,
+                      links: tuple[Link, ...] = ()) -> None:
     """Add (or replace) a Workbench tab: ``build(wb)`` returns the explorer widget (may run the model).
 
-    ``key(wb)`` says when the tab is stale (default: model and text; use ``wb.position`` for a per-token view).
+    ``key(wb)`` says when the tab is stale (default: model and text, plus the Workbench attributes in ``needs``;
+    ``needs=("position",)`` for a per-token view). ``attach(wb, widget)`` and ``links``: see :class:`TabSpec`.
     """
-    EXPLORERS[name] = TabSpec(name, build, key)
+    EXPLORERS[name] = TabSpec(name, build, key, needs=tuple(needs), attach=attach, links=tuple(links))
 
 
-def _msg(text: str, colour: str = "#b00", icon: str = "⚠") -> str:
-    return f"<span style='color:{colour}'>{icon} {html.escape(text)}</span>"
+_NOT_COMPUTED = "not computed yet"
 
 
-class Workbench(W.VBox):
+class Workbench(SyncedVBox):
     """Every probe explorer in one app, linked.
 
     Args:
@@ -167,13 +65,14 @@ class Workbench(W.VBox):
         explorers: tab name -> the built explorer widget.
         message: an ``HTML`` widget where errors and job outcomes are shown (never a traceback in the notebook).
         last_error: the exception behind the last error message (for debugging), or None.
+        jobs: the :class:`~._jobs.JobRunner` that runs the model work.
     """
 
     def __init__(self, m=None, text: str = "The capital of France is Paris.", *, tuned=None,
                  geometry_texts: list[str] | None = None, tabs: list[str] | None = None,
                  options: dict | None = None, background: bool = True):
         self.m = m if isinstance(m, lb.LensModel) else None
-        self.tuned, self.geometry_texts, self.background = tuned, geometry_texts, background
+        self.tuned, self.geometry_texts = tuned, geometry_texts
         self.options = options or {}
         names = list(EXPLORERS) if tabs is None else list(tabs)
         unknown = [n for n in names if n not in EXPLORERS]
@@ -185,15 +84,6 @@ class Workbench(W.VBox):
         self.layer: int | None = None
         self.explorers: dict[str, W.Widget] = {}
         self._built: dict[str, Hashable] = {}
-        self.last_error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._worker: threading.Thread | None = None
-        self._cancel = threading.Event()
-        self._lock = threading.Lock()
-        self._hooks: list = []
-        self._passes = 0
-        self._t0 = 0.0
-        self._last_ui = 0.0
 
         # ---- input row
         shown = self.m.name if self.m is not None else (m if isinstance(m, str) else
@@ -207,38 +97,33 @@ class Workbench(W.VBox):
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="200px"))
         self.progress_label = W.HTML("")
         self.message = W.HTML("")
-        for w, cls in ((self.model_box, "lb-wb-model"), (self.load_button, "lb-wb-load"),
-                       (self.text_box, "lb-wb-text"), (self.run_button, "lb-wb-run"),
-                       (self.cancel_button, "lb-wb-cancel"), (self.progress, "lb-wb-progress"),
-                       (self.progress_label, "lb-wb-progress-label"), (self.message, "lb-wb-message")):
-            w.add_class(cls)
+        tag((self.model_box, "lb-wb-model"), (self.load_button, "lb-wb-load"), (self.text_box, "lb-wb-text"),
+            (self.run_button, "lb-wb-run"), (self.cancel_button, "lb-wb-cancel"), (self.progress, "lb-wb-progress"),
+            (self.progress_label, "lb-wb-progress-label"), (self.message, "lb-wb-message"))
         self.load_button.on_click(lambda _b: self.load(self.model_box.value))
         self.run_button.on_click(lambda _b: self.run())
         self.cancel_button.on_click(lambda _b: self.cancel())
+        self.jobs = JobRunner(progress=self.progress, label=self.progress_label, message=self.message,
+                              cancel_button=self.cancel_button, locked=(self.run_button, self.load_button),
+                              model=lambda: self.m, background=background, on_idle=self._ensure_selected,
+                              thread_name="lb-workbench")
 
-        # ---- link buttons (pure UI until the target tab is built)
-        self.to_attribution = W.Button(description="Attribute this position →", icon="arrow-right",
-                                       tooltip="explain the prediction at the selected lens position",
-                                       layout=W.Layout(width="auto"))
-        self.to_attribution.add_class("lb-wb-to-attribution")
-        self.to_attribution.on_click(lambda _b: self.jump_to_attribution())
-        self.to_lens = W.Button(description="Lens at this layer →", icon="arrow-right",
-                                tooltip="show the logit lens at the layer picked here",
-                                layout=W.Layout(width="auto"))
-        self.to_lens.add_class("lb-wb-to-lens")
-        self.to_lens.on_click(lambda _b: self.show_lens_layer(self._geometry_layer()))
-        self.to_critical = W.Button(description="Criticality of this token →", icon="arrow-right",
-                                    tooltip="rollouts keeping vs replacing the token at the selected lens position",
-                                    layout=W.Layout(width="auto"))
-        self.to_critical.add_class("lb-wb-to-critical")
-        self.to_critical.on_click(lambda _b: self.jump_to_criticality())
-        self.link_bars = {"lens": [b for b, n in ((self.to_attribution, "attribution"),
-                                                   (self.to_critical, "criticality")) if n in names],
-                          "geometry": [self.to_lens] if "lens" in names else []}
-
-        # ---- tabs
-        self.holders = {s.name: W.VBox([W.HTML("<i>not computed yet</i>")]) for s in self.specs}
-        pages = [W.VBox([W.HBox(self.link_bars.get(s.name, [])), self.holders[s.name]]) for s in self.specs]
+        # ---- tabs, each page with its link buttons (pure UI until the target tab is built)
+        self.links: list[tuple[Link, W.Button]] = []
+        self.holders = {s.name: W.VBox([W.HTML(placeholder_html(_NOT_COMPUTED))]) for s in self.specs}
+        pages = []
+        for s in self.specs:
+            bar = []
+            for link in s.links:
+                b = W.Button(description=link.label(self), icon="arrow-right", tooltip=link.tooltip,
+                             layout=W.Layout(width="auto"))
+                b.add_class(link.css)
+                b.on_click(lambda _b, link=link: link.follow(self))
+                setattr(self, link.attr, b)
+                self.links.append((link, b))
+                if link.target in names:
+                    bar.append(b)
+            pages.append(W.VBox([W.HBox(bar), self.holders[s.name]]))
         self.tabs = W.Tab(children=pages)
         for i, s in enumerate(self.specs):
             self.tabs.set_title(i, s.name)
@@ -260,29 +145,20 @@ class Workbench(W.VBox):
     @property
     def busy(self) -> bool:
         """True while a background job runs (a job's own follow-up, started from its thread, is allowed)."""
-        t = self._thread
-        return t is not None and t.is_alive() and t is not threading.current_thread()
+        return self.jobs.busy
 
-    def _repr_mimebundle_(self, **kw):
-        sync_figure_widgets(self)
-        return super()._repr_mimebundle_(**kw)
+    @property
+    def last_error(self) -> BaseException | None:
+        """The exception behind the last error message, or None."""
+        return self.jobs.last_error
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the current job ends (scripts and tests); True if nothing is running any more."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (t := self._thread) is not None and t is not threading.current_thread():
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if t.is_alive():  # timed out
-                return False
-            if self._thread is t:  # no follow-up job was started
-                break
-        return not self.busy
+        return self.jobs.wait(timeout)
 
     def cancel(self) -> None:
         """Stop the running job at the model's next forward pass; already-built tabs stay as they were."""
-        if self.busy:
-            self._cancel.set()
-            self.progress_label.value = "<small>cancelling…</small>"
+        self.jobs.cancel()
 
     def load(self, model=None) -> bool:
         """Load ``model`` (None/"default", a hub id, a directory, or any object :func:`lensbench.load` takes)
@@ -291,30 +167,21 @@ class Workbench(W.VBox):
             spec = None if model.strip() in ("", "default") else model.strip()
         else:
             spec = model
-
-        def job():
-            m = lb.load(spec)
-            self._check_cancel()
-            self.m = m
-            self.model_box.value = m.name
-            self._invalidate()
-            return lambda: self.run()
         what = spec if isinstance(spec, str) else ("the default model" if spec is None else type(spec).__name__)
-        return self._start(f"loading {what}", job)
+        return self.jobs.start(f"loading {what}", lambda: lb.load(spec), deliver=self._adopt, then=self.run)
 
     def run(self, text: str | None = None) -> bool:
         """Take the text box (or ``text``), forget stale tabs, and build the tab on screen."""
         if self.busy:
-            self.message.value = _msg("busy: wait for the running job or press Cancel.", "#a60", "⏳")
-            return False
+            return self.jobs.refuse_busy()
         if text is not None:
             self.text_box.value = text
         new = self.text_box.value
         if not new.strip():
-            self._error("text is empty: type a sentence in the text box, then press Run.")
+            self.jobs.show_error("text is empty: type a sentence in the text box, then press Run.")
             return False
         if self.m is None:
-            self._error("no model loaded: press Load (empty or 'default' loads the embedded model).")
+            self.jobs.show_error("no model loaded: press Load (empty or 'default' loads the embedded model).")
             return False
         if new != self.text:
             self.position = None
@@ -344,12 +211,10 @@ class Workbench(W.VBox):
 
     def set_position(self, position: int) -> None:
         """Select a token position (moves the lens position slider when the lens is built). No model pass."""
-        lens = self.explorers.get("lens")
-        if lens is not None and self._built.get("lens") == EXPLORERS["lens"].key_for(self):
-            lens.show_position(position)  # its observer sets self.position (clamped)
+        if self.is_current("lens"):
+            self.explorers["lens"].show_position(position)  # its observer sets self.position (clamped)
         else:
-            self.position = int(position)
-            self._update_links()
+            self.note_selection(position=position)
 
     def show_lens_layer(self, layer: int) -> None:
         """Show the lens at ``layer`` (top-k panel and outlined cell) and switch to the lens tab."""
@@ -357,6 +222,18 @@ class Workbench(W.VBox):
         if "lens" in self.explorers:
             self.explorers["lens"].show_layer(layer)
         self.select_tab("lens")
+
+    def note_selection(self, *, position: int | None = None, layer: int | None = None) -> None:
+        """Record a selected position and/or layer made in a tab and refresh the link buttons. No model pass."""
+        if position is not None:
+            self.position = int(position)
+        if layer is not None:
+            self.layer = int(layer)
+        self._update_links()
+
+    def is_current(self, name: str) -> bool:
+        """True when tab ``name`` is built and not stale."""
+        return name in self.explorers and self._built.get(name) == EXPLORERS[name].key_for(self)
 
     def tokens(self) -> list[str]:
         """The text's tokens as the probes see them (tokenizer only, no model pass)."""
@@ -386,146 +263,37 @@ class Workbench(W.VBox):
             return False
         if self.busy:  # built when the running job ends
             return False
-        return self._start(f"building {spec.name}", lambda: self._build(spec))
 
-    def _build(self, spec: TabSpec):
-        key = spec.key_for(self)
-        ex = spec.build(self)
-        self._check_cancel()
+        def work():
+            key = spec.key_for(self)
+            return key, spec.build(self)
+        return self.jobs.start(f"building {spec.name}", work, deliver=lambda built: self._install(spec, *built))
+
+    def _install(self, spec: TabSpec, key: Hashable, ex: W.Widget) -> None:
         self.explorers[spec.name] = ex
         self._built[spec.name] = key
         sync_figure_widgets(ex)  # the figures' full state travels with the view (no lost first draw)
         self.holders[spec.name].children = [ex]
-        if spec.name == "lens":
-            ex.position.observe(lambda c: self._on_lens_position(c["new"]), names="value")
-            ex.layer.observe(lambda c: setattr(self, "layer", c["new"]), names="value")
-            self.position = None if self.position is None else min(self.position, ex.position.max)
-            if self.position is not None:
-                ex.show_position(self.position)
-            if self.layer is not None:
-                ex.show_layer(self.layer)
-        elif spec.name == "geometry":
-            ex.layer.observe(lambda c: self._on_geometry_layer(c["new"]), names="value")
+        if spec.attach is not None:
+            spec.attach(self, ex)
         err = getattr(ex, "error", None)
         if isinstance(err, W.HTML) and err.value:
             self.message.value = err.value  # the explorer's own message, repeated at the top
         self._update_links()
-        return None
+
+    def _adopt(self, m: lb.LensModel) -> None:
+        self.m = m
+        self.model_box.value = m.name
+        self._invalidate()
 
     def _invalidate(self) -> None:
         self._built.clear()
         self.explorers.clear()
         self.position = None
         for h in self.holders.values():
-            h.children = [W.HTML("<i>not computed yet</i>")]
-
-    def _on_lens_position(self, p: int) -> None:
-        self.position = int(p)
-        self._update_links()
-
-    def _on_geometry_layer(self, layer: int) -> None:
-        self.layer = int(layer)
-        if "lens" in self.explorers:
-            self.explorers["lens"].show_layer(layer)  # no model pass
-        self._update_links()
-
-    def _geometry_layer(self) -> int:
-        geo = self.explorers.get("geometry")
-        if geo is not None:
-            return int(geo.layer.value)
-        return self.layer if self.layer is not None else (self.m.n_layers if self.m is not None else 0)
+            h.children = [W.HTML(placeholder_html(_NOT_COMPUTED))]
 
     def _update_links(self) -> None:
-        p = "last" if self.position is None else self.position
-        self.to_attribution.description = f"Attribute position {p} →"
-        self.to_critical.description = f"Criticality of token {p} →"
-        self.to_lens.description = f"Lens at layer {self._geometry_layer()} →"
+        for link, button in self.links:
+            button.description = link.label(self)
 
-    # ------------------------------------------------------------------ jobs
-    def _error(self, text: str, exc: BaseException | None = None) -> None:
-        self.last_error = exc
-        self.message.value = _msg(text)
-
-    def _check_cancel(self) -> None:
-        if self._cancel.is_set() and threading.current_thread() is self._worker:
-            raise Cancelled
-
-    def _on_forward(self, *_args) -> None:
-        if threading.current_thread() is not self._worker:
-            return
-        self._check_cancel()
-
-    def _on_model_forward(self, *_args) -> None:
-        if threading.current_thread() is not self._worker:
-            return
-        self._check_cancel()
-        self._passes += 1
-        now = time.perf_counter()
-        if now - self._last_ui > 0.25:
-            self._last_ui = now
-            self.progress_label.value = (f"<small>{html.escape(self._label)} · {self._passes} forward passes · "
-                                         f"{now - self._t0:.1f} s</small>")
-
-    def _install_hooks(self) -> None:
-        if self.m is None:
-            return
-        self._hooks.append(self.m.model.register_forward_pre_hook(self._on_model_forward))
-        for blk in self.m.blocks:
-            self._hooks.append(blk.register_forward_pre_hook(self._on_forward))
-
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
-    def _start(self, label: str, job: Callable[[], Callable | None]) -> bool:
-        with self._lock:
-            if self.busy:
-                self.message.value = _msg("busy: wait for the running job or press Cancel.", "#a60", "⏳")
-                return False
-            self._cancel.clear()
-            self._label, self._passes, self._t0, self._last_ui = label, 0, time.perf_counter(), 0.0
-            self.progress.max, self.progress.value, self.progress.bar_style = 1, 0, "info"
-            self.progress_label.value = f"<small>{html.escape(label)}…</small>"
-            self.run_button.disabled = self.load_button.disabled = True
-            self.cancel_button.disabled = False
-            if self.background:
-                self._thread = threading.Thread(target=self._work, args=(job,), daemon=True, name="lb-workbench")
-                self._worker = self._thread
-                self._thread.start()
-                return True
-        self._worker = threading.current_thread()
-        self._work(job)
-        return True
-
-    def _work(self, job) -> None:
-        then = None
-        outcome, style = "done", "success"
-        self._install_hooks()
-        try:
-            with cancel_scope(self._cancel):  # every engine primitive stops at its next batch or step, too
-                then = job()
-        except (Cancelled, EngineCancelled):
-            outcome, style = "cancelled", "warning"
-            self.message.value = _msg(f"{self._label}: cancelled (press Run or revisit the tab to redo it).",
-                                      "#a60", "■")
-        except (lb.LensbenchError, ValueError) as e:
-            outcome, style = "failed", "danger"
-            self._error(str(e), e)
-        except Exception as e:  # noqa: BLE001 - shown in the app, never as a kernel traceback
-            outcome, style = "failed", "danger"
-            self._error(f"{type(e).__name__}: {e}", e)
-        finally:
-            self._remove_hooks()
-            dt = time.perf_counter() - self._t0
-            self.progress.value, self.progress.bar_style = 1, style
-            self.progress_label.value = (f"<small>{html.escape(self._label)}: {outcome} · {self._passes} forward "
-                                         f"passes · {dt:.1f} s</small>")
-            self.run_button.disabled = self.load_button.disabled = False
-            self.cancel_button.disabled = True
-            self._worker = None
-        if outcome == "done":
-            if then is not None:
-                then()
-            else:
-                self._ensure_selected()  # a tab selected while this job ran

@@ -174,7 +174,7 @@ def test_cancel_stops_the_job_and_keeps_the_built_tabs(tiny):
     assert "cancelled" in wb.message.value and wb.progress.bar_style == "warning"
     assert wb.holders["lens"].children[0] is old_lens and wb.explorers["lens"] is old_lens
     assert wb.cancel_button.disabled and not wb.run_button.disabled
-    assert wb._hooks == [] and not m.model._forward_pre_hooks  # the workbench removed its hooks
+    assert wb.jobs.hooks == [] and not m.model._forward_pre_hooks  # the workbench removed its hooks
     # Run redoes the cancelled job
     assert wb.run() and wb.wait(120) and wb.message.value == ""
     assert wb.explorers["lens"].results["logit"].tokens == wb.tokens() and wb.text == "Le chat est noir"
