@@ -1,6 +1,6 @@
 """Every architecture in transformers' causal-LM auto-mapping that builds from a config offline: lensbench
 either loads it, validates it and runs a capture and a lens on it, or refuses with a LensbenchError naming what
-failed. No bare KeyError/TypeError/RuntimeError escapes (issue 14)."""
+failed. No bare KeyError/TypeError/RuntimeError escapes."""
 
 from __future__ import annotations
 

@@ -166,7 +166,7 @@ def test_import_does_not_pull_jupyter():
 
 
 def test_default_model_says_what_it_is(default_model):
-    """The embedded model is a Q4_1 GGUF de-quantised to float32, and its name says so (issue 13, item 8)."""
+    """The embedded model is a Q4_1 GGUF de-quantised to float32, and its name says so."""
     assert "Q4_1" in default_model.name and "float32" in default_model.name
     assert lb.load(default_model.name, validate=False).fingerprint == default_model.fingerprint
 
@@ -186,7 +186,7 @@ def test_fingerprint_keys_weights_not_names(saved_tiny):
     assert lb.load(*tiny_model("llama", dtype=torch.bfloat16)).fingerprint != a.fingerprint
 
 
-# ------------------------------------------------------------------ any causal LM (issue 14)
+# ------------------------------------------------------------------ any causal LM
 def test_ssm_validation_does_not_trust_output_hidden_states(tiny):
     """Mamba's output_hidden_states has no embedding entry: the proof is the block chain + the logits."""
     m = tiny("mamba")

@@ -1,4 +1,4 @@
-"""Fault injection (issue #9): out-of-memory inside the capture engine, interrupted sweeps, damaged cache files,
+"""Fault injection: out-of-memory inside the capture engine, interrupted sweeps, damaged cache files,
 and long contexts on a tiny model.  Each test compares against the undisturbed computation exactly.
 
 (The safe-loading cells — ``.bin``-only checkpoints and ``trust_remote_code`` refused unless allowed — are in
