@@ -90,6 +90,8 @@ _VIEW_PARAMS = {"exclude_first": [Options((True, False, "bos"))], "last_layer": 
 _ESTIMATOR_PARAMS = {"estimator": [Options(ESTIMATORS)], "scale": [Interval(int, 2, None)]}
 #: pooled clouds: their size and the seed of their subsample
 _POOL_PARAMS = {"max_points": [Interval(int, 1, None)], "seed": [int]}
+#: ``stacklevel`` of a probe's warnings: the probe, the validation and the exclude_bos wrappers, its caller
+_CALLER = 4
 
 
 def _skip(m: LensModel, ids: torch.Tensor, exclude_first) -> int:
@@ -390,7 +392,7 @@ def intrinsic_dimension(m: LensModel, texts, *, estimator: str = "gride", scale:
         if min(ntok) < MIN_TOKENS_STABLE:
             warnings.warn(f"per='prompt' with {min(ntok)} tokens in the shortest prompt: per-prompt ID needs "
                           f"T ≳ {MIN_TOKENS_STABLE} tokens to be stable; use longer prompts or per='pooled'.",
-                          stacklevel=2)
+                          stacklevel=_CALLER)
         return GeometryResult("id", layers, prompts, vals, spread, loss, ntok, dups, settings, m.name)
     pools, prompts, loss, layers = pooled_clouds(m, texts, layers=layers, exclude_first=exclude_first,
                                                  last_layer=last_layer, max_points=max_points,
@@ -623,11 +625,11 @@ def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, ex
     N, d = pools[0].shape
     if N <= d + 1:
         warnings.warn(f"linearity fitted on N={N} points in d={d}: with N <= d+1 the least-squares fit is exact "
-                      "and the score is 1 whatever the model does; pool more tokens (N >> d).", stacklevel=2)
+                      "and the score is 1 whatever the model does; pool more tokens (N >> d).", stacklevel=_CALLER)
     elif N < LINEARITY_MIN_RATIO * d:
         warnings.warn(f"linearity fitted on N={N} points in d={d} (N < {LINEARITY_MIN_RATIO}·d): the in-sample "
                       f"score is inflated by about d/N = {d / N:.2f}; read the held-out score "
-                      "(score_heldout) or pool more tokens.", stacklevel=2)
+                      "(score_heldout) or pool more tokens.", stacklevel=_CALLER)
     prompt = prompts[0] if prompt is None else prompt
     if isinstance(texts, Capture) and prompt in texts.texts:  # its hidden states are in the capture
         i = texts.texts.index(prompt)
