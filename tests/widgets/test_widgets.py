@@ -11,6 +11,7 @@ import lensbench as lb
 @pytest.fixture()
 def counted(tiny):
     m = tiny("llama")
+    assert m.capabilities  # measured once per model with forward passes of its own, before anything is counted
     calls = {"n": 0}
     h = m.model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     yield m, calls
