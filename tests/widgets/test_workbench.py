@@ -272,3 +272,32 @@ def test_api_reference_is_up_to_date():
     import lensbench.widgets as lw
     for name in list(lb.__all__) + list(lw.__all__):
         assert f"`{name}" in text, name
+
+
+def test_a_registered_tab_declares_its_needs_attach_hook_and_links(tiny, monkeypatch):
+    import ipywidgets as W
+    from lensbench.widgets import workbench as wbm
+    m = tiny("llama")
+    attached = []
+
+    def attach(wb, widget):
+        attached.append((widget.value, wb.position))
+    back = wbm.Link("lens", "to_lens_from_count", "lb-wb-count-to-lens", lambda wb: f"lens at {wb.position} →",
+                    "back to the lens", lambda wb: wb.select_tab("lens"))
+    monkeypatch.setattr(wbm, "EXPLORERS", dict(wbm.EXPLORERS))
+    wbm.register_explorer("count", lambda wb: W.HTML(f"position {wb.position}"), needs=("position",),
+                          attach=attach, links=(back,))
+    wb = wbm.Workbench(m, TEXT, options=FAST, tabs=["lens", "count"])
+    assert wb.wait(60)
+    button = wb.to_lens_from_count
+    assert "lb-wb-count-to-lens" in button._dom_classes and button.description == "lens at None →"
+    assert wb.tabs.children[1].children[0].children == (button,)  # on the count page's link bar
+    wb.explorers["lens"].position.value = 2
+    assert button.description == "lens at 2 →"
+    wb.select_tab("count")
+    assert wb.wait(60) and attached == [("position 2", 2)]
+    wb.select_tab("lens")
+    wb.select_tab("count")  # same position: not rebuilt
+    assert wb.wait(60) and len(attached) == 1
+    button.click()
+    assert wb.tabs.selected_index == 0
