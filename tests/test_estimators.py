@@ -227,3 +227,36 @@ def test_gride_with_tied_distances_as_dadapy():
         assert d == pytest.approx(5, rel=0.15)
     prof = E.gride_profile(X, max_n2=8)
     assert all(np.isfinite(v) for v in prof.values())
+
+
+X20 = torch.randn(200, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+BAD_ESTIMATOR_OPTIONS = [
+    ("knn", lambda **k: E.knn(X20, **{"k": 3, **k}), [("k", 0), ("k", 2.0), ("chunk", 0)]),
+    ("neighbors", lambda **k: E.neighbors(X20, **{"k": 3, **k}), [("k", -1), ("remove_duplicates", "no")]),
+    ("twonn", lambda **k: E.twonn(X20, **k), [("discard_fraction", 1.0), ("discard_fraction", -0.1),
+                                              ("method", "magic"), ("return_info", 1)]),
+    ("gride", lambda **k: E.gride(X20, **k), [("n1", 0), ("n2", 1), ("return_info", "yes")]),
+    ("gride_profile", lambda **k: E.gride_profile(X20, **k), [("max_n2", 1)]),
+    ("mle", lambda **k: E.mle(X20, **k), [("k", 2), ("k", None)]),
+    ("pca_dim", lambda **k: E.pca_dim(X20, **k), [("var", 0.0), ("var", 1.5)]),
+    ("neighbor_overlap", lambda **k: E.neighbor_overlap(X20, X20, **k), [("k", 0)]),
+]
+
+
+@pytest.mark.parametrize("name, call, param, value",
+                         [(n, c, p, v) for n, c, bad in BAD_ESTIMATOR_OPTIONS for p, v in bad],
+                         ids=lambda x: x if isinstance(x, str) else None)
+def test_estimator_options_refused_by_name(name, call, param, value):
+    with pytest.raises(lb.InputError) as e:
+        call(**{param: value})
+    assert str(e.value).startswith(f"{name}: {param}={value!r} is not allowed; {param} must be "), str(e.value)
+
+
+def test_rules_that_need_the_points_stay_with_the_points():
+    """n1 < n2 and k < N are checked where the points are, with the same messages as before."""
+    with pytest.raises(lb.InputError, match="need 1 <= n1 < n2, got n1=4, n2=4"):
+        E.gride(X20, 4, 4)
+    with pytest.raises(lb.InputError, match="k=200 neighbours need at least k\\+1 points; got N=200"):
+        E.knn(X20, 200)
+    assert E.knn(X20, np.int64(3))[1].shape == (200, 3)            # a numpy int is an int
+    assert E.pca_dim(X20, 1) == 6 and E.twonn(X20, discard_fraction=0) > 0
