@@ -65,6 +65,8 @@ class Workbench(SyncedVBox):
         explorers: tab name -> the built explorer widget.
         message: an ``HTML`` widget where errors and job outcomes are shown (never a traceback in the notebook).
         last_error: the exception behind the last error message (for debugging), or None.
+        to_attribution, to_critical, to_lens: the link buttons (one attribute per :class:`Link` of a shown tab);
+            links: ``(Link, button)`` pairs.
         jobs: the :class:`~._jobs.JobRunner` that runs the model work.
     """
 
