@@ -1,12 +1,16 @@
-"""Figures of lens results: the layers × positions heatmap and per-layer sweep curves."""
+"""Figures of lens results: the layers × positions heatmap, its HTML table, and per-layer sweep curves."""
 
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._common import _clean
+
+if TYPE_CHECKING:
+    from ..probes.lens import LensResult, LensSweepResult
 
 STAT_LABELS = {
     "entropy": "entropy H(p_l) [nats]",
@@ -19,7 +23,7 @@ STAT_LABELS = {
 }
 
 
-def lens_heatmap_data(res, stat: str = "top1_prob", k_hover: int = 5):
+def lens_heatmap_data(res: LensResult, stat: str = "top1_prob", k_hover: int = 5):
     """z ([n_layers, T]), cell text (top-1 tokens) and hover text (top-k with probabilities)."""
     z = res.stat(stat).numpy().astype(float)
     topk = res.top_tokens(k_hover)
@@ -34,7 +38,8 @@ def lens_heatmap_data(res, stat: str = "top1_prob", k_hover: int = 5):
     return z, text, hover
 
 
-def lens_heatmap(res, stat: str = "top1_prob", *, k_hover: int = 5, title: str | None = None, height: int | None = None):
+def lens_heatmap(res: LensResult, stat: str = "top1_prob", *, k_hover: int = 5, title: str | None = None,
+                 height: int | None = None):
     """Layers × positions heatmap coloured by ``stat``; each cell shows the layer's top-1 token."""
     import plotly.graph_objects as go
 
@@ -50,7 +55,21 @@ def lens_heatmap(res, stat: str = "top1_prob", *, k_hover: int = 5, title: str |
     return fig
 
 
-def sweep_figure(sweep, stat: str = "kl_to_final"):
+def lens_result_html(res: LensResult, *, max_tokens: int = 16, max_layers: int = 12) -> str:
+    """HTML table of the top-1 token per (layer, position): the first ``max_tokens`` positions of the last
+    ``max_layers`` layers, last layers first."""
+    top1 = res.top_tokens(1)
+    n_tok = min(max_tokens, len(res.tokens))
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in res.tokens[:max_tokens])
+    rows = "".join(
+        f"<tr><th>{la}</th>" + "".join(f"<td>{html.escape(top1[i][t][0])}</td>" for t in range(n_tok)) + "</tr>"
+        for i, la in list(enumerate(res.layers))[::-1][:max_layers])
+    return (f"<b>LensResult</b> ({res.lens} lens, {html.escape(res.model_name)}): {len(res.layers)} layers × "
+            f"{len(res.tokens)} tokens, top-1 per cell (last layers first); <code>.figure()</code> plots it."
+            f"<table><tr><th>layer</th>{head}</tr>{rows}</table>")
+
+
+def sweep_figure(sweep: LensSweepResult, stat: str = "kl_to_final"):
     """Per-layer mean with the inter-quantile band of a :class:`LensSweepResult`."""
     import plotly.graph_objects as go
     si = sweep.stats.index(stat)
@@ -69,7 +88,7 @@ def sweep_figure(sweep, stat: str = "kl_to_final"):
     return fig
 
 
-def compare_sweeps(sweeps: dict, stat: str = "kl_to_final"):
+def compare_sweeps(sweeps: dict[str, LensSweepResult], stat: str = "kl_to_final"):
     """One line per sweep (e.g. logit vs tuned) of the per-layer mean of ``stat``."""
     import plotly.graph_objects as go
     fig = go.Figure()

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,12 +19,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..backends import BACKENDS
 from ..cache import ItemCache
-from ..capture import CaptureBatch, capture, tokenize, windows
+from ..capture import Capture, CaptureBatch, capture, tokenize, windows
 from ..errors import InputError, LensbenchError
 from ..model import LensModel
-from ..plots.lens import STAT_LABELS  # noqa: F401  (re-exported)
+from ..plots.lens import (
+    STAT_LABELS,  # noqa: F401  (re-exported)
+    lens_heatmap,
+    lens_result_html,
+    sweep_figure,
+)
 from ..results import Result, load_tensors, save_tensors
+from ..validation import Interval, Options, SequenceOf, check_params, renamed_params, validate_params
 
 
 def _readout_resident(fn):
@@ -40,6 +48,10 @@ STATS = ("entropy", "kl_to_final", "ce_next", "top1_confidence", "target_prob", 
 
 
 # --------------------------------------------------------------------------------------------- tuned lens
+#: what the lens loaders take: a file or folder, and optionally the model the lens must fit
+_LOADER_PARAMS = {"path": [str, os.PathLike], "model": [None, LensModel]}
+
+
 class TunedLens:
     """One affine translator per layer, applied as a residual (Belrose et al. 2023, the ``tuned-lens`` package):
     ``T_l(h) = h + h @ W_l^T + b_l`` for l < L; identity at l = L. ``W = b = 0`` is the logit lens.
@@ -106,14 +118,16 @@ class TunedLens:
                 f"model's is {fp} ({m.name!r}): other weights. Train a lens for it with lb.train_tuned_lens, or, "
                 "if you know the weights are equivalent, set lens.fingerprint = m.fingerprint.")
 
-    def save(self, path) -> Path:
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``W``, ``b``, the held-out curve and the settings to one ``.safetensors`` file."""
         return save_tensors(path, {"W": self.W, "b": self.b, "heldout_kl": self.heldout_kl},
                             {"kind": "TunedLens", "version": 2, "model_name": self.model_name,
                              "fingerprint": self.fingerprint, "history": self.history, "settings": self.settings,
                              "heldout_steps": self.heldout_steps})
 
     @classmethod
-    def load(cls, path, model: LensModel | None = None) -> TunedLens:
+    @validate_params(_LOADER_PARAMS)
+    def load(cls, path: str | os.PathLike, model: LensModel | None = None) -> TunedLens:
         """Load a lens saved by :meth:`save` (a ``.safetensors`` file), or a folder written by the ``tuned-lens``
         package (``config.json`` + ``params.pt``, see :meth:`from_tuned_lens`). With ``model``, check it fits."""
         p = Path(path)
@@ -135,7 +149,8 @@ class TunedLens:
         return lens
 
     @classmethod
-    def from_tuned_lens(cls, folder, model: LensModel | None = None) -> TunedLens:
+    @validate_params({"folder": _LOADER_PARAMS["path"], "model": _LOADER_PARAMS["model"]})
+    def from_tuned_lens(cls, folder: str | os.PathLike, model: LensModel | None = None) -> TunedLens:
         """Read a lens saved by the ``tuned-lens`` package (``TunedLens.save``): ``config.json``
         (``d_model``, ``num_hidden_layers``, ``bias``, ``base_model_name_or_path``, ...) and ``params.pt``, the
         translators' state dict ``{i}.weight`` / ``{i}.bias`` (a ``layer_translators.`` prefix is accepted),
@@ -184,7 +199,7 @@ class TunedLens:
                               "no lensbench fingerprint, so the weights could not be checked", stacklevel=2)
         return lens
 
-    def save_tuned_lens(self, folder) -> Path:
+    def save_tuned_lens(self, folder: str | os.PathLike) -> Path:
         """Write this lens in the ``tuned-lens`` package's format (``config.json`` + ``params.pt``)."""
         import json
         folder = Path(folder)
@@ -426,40 +441,91 @@ class LensResult(Result):
         return pd.DataFrame(rows)
 
     def figure(self, stat: str = "top1_prob", **kw):
-        """Plotly heatmap (layers × positions) coloured by ``stat``, cells labelled with top-1 tokens."""
-        from ..plots import lens_heatmap
+        """Plotly heatmap (layers × positions) coloured by ``stat``, cells labelled with top-1 tokens
+        (:func:`lensbench.plots.lens.lens_heatmap`)."""
         return lens_heatmap(self, stat=stat, **kw)
 
     def _repr_html_(self) -> str:
-        import html
-        top1 = self.top_tokens(1)
-        head = "".join(f"<th>{html.escape(t)}</th>" for t in self.tokens[:16])
-        rows = "".join(
-            f"<tr><th>{la}</th>" + "".join(f"<td>{html.escape(top1[i][t][0])}</td>" for t in range(min(16, len(self.tokens))))
-            + "</tr>" for i, la in list(enumerate(self.layers))[::-1][:12])
-        return (f"<b>LensResult</b> ({self.lens} lens, {html.escape(self.model_name)}): {len(self.layers)} layers × "
-                f"{len(self.tokens)} tokens, top-1 per cell (last layers first); <code>.figure()</code> plots it."
-                f"<table><tr><th>layer</th>{head}</tr>{rows}</table>")
+        return lens_result_html(self)
 
 
 # --------------------------------------------------------------------------------------------- public API
+#: constraints shared by the lens probes (see :mod:`lensbench.validation`); top_k's upper bound is the model's
+#: vocabulary size, checked in the body
+_RUN_PARAMS = {
+    "m": [LensModel],
+    "batch_size": [Options({"auto"}), Interval(int, 1, None)],
+    "progress": [bool],
+}
+_READOUT_PARAMS = {"lens": [None, TunedLens], "chunk_bytes": [Interval(int, 1, None)]}
+_LOGIT_LENS_PARAMS = {
+    **_RUN_PARAMS, **_READOUT_PARAMS,
+    "target": [None, str, int],
+    "layers": [None, int, range, SequenceOf(int)],
+    "apply_final_norm": [bool],
+    "add_bos": [None, bool],
+    "truncate": [bool],
+    "backend": [None, Options(BACKENDS)],
+    "keep_hidden": [bool],
+}
+
+
+def _check_top_k(m: LensModel, top_k: int, caller: str) -> None:
+    check_params({"top_k": [Interval(int, 1, m.vocab_size)]}, {"top_k": top_k}, caller=caller)
+
+
+def _captured(m: LensModel, given: Capture | CaptureBatch, needed: list[int],
+              reduce) -> tuple[list[str], list[torch.Tensor], list[list[str]], list]:
+    """``reduce`` over the hidden states of an existing capture (no model pass): (texts, ids, tokens, results).
+
+    A :class:`Capture` must hold hidden states (no ``reduce=``) of every layer in ``needed``; its CPU float32
+    states go back to the model's device and dtype, so the readout is the one a capture from text gets."""
+    have = sorted(given.hidden) if isinstance(given, CaptureBatch) else given.layers
+    missing = sorted(set(needed) - set(have))
+    if (isinstance(given, Capture) and given.hidden is None) or missing:
+        raise InputError(f"text: the capture lacks layers {missing} (or was made with reduce=, which keeps no hidden "
+                         f"states); capture layers={needed} (or layers=None) with m.capture(texts).")
+    if isinstance(given, CaptureBatch):
+        ids = [given.ids_of(b).cpu() for b in range(len(given.indices))]
+        texts = [m.tokenizer.decode(x) for x in ids]
+        return texts, ids, [m.to_str_tokens(x) for x in ids], reduce(given)
+    results = []
+    for i in range(len(given)):
+        h = given.hidden_states(i)
+        if h.shape[-1] != m.d_model:
+            raise InputError(f"text: the capture's hidden states have d_model={h.shape[-1]}, the model {m.d_model}; "
+                             "capture with this model.")
+        hidden = {la: h[given.layers.index(la)][None].to(device=m.device, dtype=m.dtype) for la in needed}
+        ids = given.input_ids(i)
+        batch = CaptureBatch(model=m, indices=[i], input_ids=ids[None].to(m.device),
+                             attention_mask=torch.ones_like(ids)[None].to(m.device), lengths=[len(ids)],
+                             hidden=hidden, logits=None)
+        results += reduce(batch)
+    return list(given.texts), list(given.ids), list(given.str_tokens), results
+
+
+@validate_params(_LOGIT_LENS_PARAMS)
 @_readout_resident
-def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, target: str | int | None = None,
-               layers: Sequence[int] | int | None = None, lens: TunedLens | None = None,
-               apply_final_norm: bool = True, batch_size: int | str = "auto", add_bos: bool | None = None,
-               truncate: bool = False, backend: str | None = None, chunk_bytes: int = 8 * 2**20,
-               keep_hidden: bool = False, progress: bool = True) -> LensResult | list[LensResult]:
+def logit_lens(m: LensModel, text: str | Sequence[str] | Capture | CaptureBatch, *, top_k: int = 10,
+               target: str | int | None = None, layers: Sequence[int] | int | None = None,
+               lens: TunedLens | None = None, apply_final_norm: bool = True, batch_size: int | str = "auto",
+               add_bos: bool | None = None, truncate: bool = False, backend: str | None = None,
+               chunk_bytes: int = 8 * 2**20, keep_hidden: bool = False,
+               progress: bool = True) -> LensResult | list[LensResult]:
     """Logit lens (or tuned lens with ``lens=``) of one text, or of each text of a list.
 
     Args:
-        text: a string (returns one :class:`LensResult`) or a list of strings (returns a list).
+        text: a string (returns one :class:`LensResult`), a list of strings (returns a list), or the hidden
+            states of an existing :class:`~lensbench.capture.Capture` (``m.capture(texts)`` with the layers
+            read out and layer L) or of a :class:`~lensbench.capture.CaptureBatch` inside a ``reduce``:
+            no model pass then, one result per text in a list.
         top_k: number of top predictions kept per (layer, position); 1 <= top_k <= vocab size.
         target: token whose probability/rank is tracked (string like ``" Paris"`` or id); default: the actual
             next token at each position.
         layers: layers to show (default all, 0..L); negatives count from the end.
         lens: a :class:`TunedLens` from :func:`train_tuned_lens`; None = logit lens.
         apply_final_norm: apply the model's final norm before unembedding (default True).
-        batch_size, add_bos, truncate, backend: passed to the capture engine.
+        batch_size, add_bos, truncate, backend: passed to the capture engine (unused with a capture).
         chunk_bytes: memory budget for one ``[positions, vocab]`` float32 block on the device.
         keep_hidden: keep the residuals in the result (CPU float32) so :meth:`LensResult.retarget` can
             recolour by any token without another forward pass (what the explorer widget does).
@@ -468,11 +534,8 @@ def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, targ
         >>> res = lb.logit_lens(m, "The capital of France is", target=" Paris")
         >>> res.target_prob[-1, -1]    # = the model's own p(" Paris")
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= m.vocab_size:
-        raise InputError(f"top_k must be an int in [1, {m.vocab_size}] (the vocabulary size), got {top_k!r}.")
+    _check_top_k(m, top_k, "logit_lens")
     if lens is not None:
-        if not isinstance(lens, TunedLens):
-            raise InputError("lens must be None (logit lens) or a TunedLens from lb.train_tuned_lens().")
         lens.check(m)
     single = isinstance(text, (str, torch.Tensor))  # one string or one 1-D tensor of token ids
     shown = m.check_layers(layers)
@@ -492,17 +555,19 @@ def logit_lens(m: LensModel, text: str | Sequence[str], *, top_k: int = 10, targ
                                     apply_final_norm=apply_final_norm, chunk=chunk, keep_hidden=keep_hidden))
         return outs
 
-    cap = capture(m, text, layers=needed, reduce=reduce, batch_size=batch_size, progress=progress,
-                  add_bos=add_bos, truncate=truncate, backend=backend, logits=False)
+    if isinstance(text, (Capture, CaptureBatch)):  # one capture, many probes: no model pass
+        texts, all_ids, tokens, stats = _captured(m, text, needed, reduce)
+    else:
+        cap = capture(m, text, layers=needed, reduce=reduce, batch_size=batch_size, progress=progress,
+                      add_bos=add_bos, truncate=truncate, backend=backend, logits=False)
+        texts, all_ids, tokens, stats = cap.texts, cap.ids, cap.str_tokens, cap.results
     results = []
-    for i in range(len(cap)):
-        st = cap.results[i]
-        ids = cap.input_ids(i)
+    for txt, ids, toks, st in zip(texts, all_ids, tokens, stats):
         tgt, tname = _targets(m, ids, target)
         uniq = torch.unique(torch.cat([st["top_ids"].reshape(-1), tgt[tgt >= 0]])).tolist()
         vocab = {int(u): m.tokenizer.decode([int(u)]) for u in uniq}
         results.append(LensResult(
-            text=cap.texts[i], tokens=cap.tokens(i), input_ids=ids, layers=shown, top_ids=st["top_ids"],
+            text=txt, tokens=toks, input_ids=ids, layers=shown, top_ids=st["top_ids"],
             top_probs=st["top_probs"], entropy=st["entropy"], kl_to_final=st["kl_to_final"],
             ce_next=st["ce_next"], top1_confidence=st["top1_confidence"], target_prob=st["target_prob"],
             target_rank=st["target_rank"], target_ids=tgt, target=tname, vocab=vocab, lens=_lens_name(lens),
@@ -573,31 +638,37 @@ def _sketch_quantiles(table: torch.Tensor, n_layers: int, q: Sequence[float], wi
 class LensSweepResult(Result):
     """Per-layer means and quantiles of lens statistics over a dataset.
 
-    Attributes:
-        layers: layers (0..L); stats: statistic names.
-        mean: ``[n_stats, n_layers]``; quantiles: ``[n_stats, n_layers, n_q]`` at levels ``q`` (numpy's
-            ``inverted_cdf``: an order statistic of the pooled tokens). ``target_rank`` quantiles are exact;
-            the others are within ``sketch_width[stat] / 2`` of exact (0.005 nats, 5e-5 in probability).
-        sketch: ``[n_entries, 4]`` int64 rows (stat index, layer index, bin, count): the counts the quantiles
-            come from (value ``bin`` for exact stats, ``[bin, bin + 1) * width`` otherwise), so any other level
-            can be read with :meth:`quantile`; sketch_width: bin width per stat (1 = exact integer counts).
-        n_tokens: tokens aggregated; n_texts; lens; model_name; fingerprint (of the model).
-        hist, hist_max: None (the 2048-bin histograms of lensbench <= 0.x; ``histogram=True`` in
-            :func:`lens_sweep` still fills them).
+    Attributes, by what they describe:
+
+    - the axes: layers (0..L), stats (statistic names), q (quantile levels);
+    - the corpus: n_texts, and n_tokens aggregated over them;
+    - the values: mean ``[n_stats, n_layers]``; quantiles ``[n_stats, n_layers, n_q]`` at levels ``q`` (numpy's
+      ``inverted_cdf``: an order statistic of the pooled tokens), exact for ``target_rank`` and within
+      ``sketch_width[stat] / 2`` of exact for the others (0.005 nats, 5e-5 in probability); sketch
+      ``[n_entries, 4]`` int64 rows (stat index, layer index, bin, count): the counts the quantiles come from
+      (value ``bin`` for exact stats, ``[bin, bin + 1) * width`` otherwise), so :meth:`quantile` reads any other
+      level; sketch_width: bin width per stat (1 = exact integer counts);
+    - what was read out: lens ("logit" or "tuned"), model_name, fingerprint (of the model);
+    - hist, hist_max: None (the 2048-bin histograms of lensbench <= 0.x; ``histogram=True`` in
+      :func:`lens_sweep` still fills them).
     """
 
     layers: list
     stats: list
     q: list
+
+    n_texts: int
+    n_tokens: int
+
     mean: torch.Tensor
     quantiles: torch.Tensor
-    n_tokens: int
-    n_texts: int
-    lens: str = "logit"
-    model_name: str = ""
     sketch: torch.Tensor | None = None
     sketch_width: list = dataclasses.field(default_factory=list)
+
+    lens: str = "logit"
+    model_name: str = ""
     fingerprint: str = ""
+
     hist: torch.Tensor | None = None
     hist_max: list | None = None
 
@@ -619,7 +690,7 @@ class LensSweepResult(Result):
         return pd.DataFrame(rows)
 
     def figure(self, stat: str = "kl_to_final", **kw):
-        from ..plots import sweep_figure
+        """Per-layer mean and quantile band of ``stat`` (:func:`lensbench.plots.lens.sweep_figure`)."""
         return sweep_figure(self, stat=stat, **kw)
 
 
@@ -644,9 +715,53 @@ def _lens_hash(lens: TunedLens | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+def _sweep_items(m: LensModel, texts, max_tokens_per_text: int | None) -> tuple[list[torch.Tensor], Capture | None]:
+    """The token ids a sweep reads out, and with a :class:`Capture` as ``texts`` the capture of exactly those
+    ids (each text cut to its first ``max_tokens_per_text`` positions, texts under 2 tokens then dropped, as
+    :func:`~lensbench.capture.windows` does for strings)."""
+    if not isinstance(texts, Capture):
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_tokens_per_text is not None:
+            return windows(m, texts, max_tokens_per_text, max_windows_per_text=1), None
+        return tokenize(m, texts)[1], None
+    if texts.hidden is None:
+        raise InputError("texts: the capture was made with reduce=, which keeps no hidden states; capture with "
+                         "m.capture(texts).")
+    n = max_tokens_per_text
+    keep = [i for i in range(len(texts)) if n is None or min(n, len(texts.ids[i])) >= 2]
+    if not keep:
+        raise InputError("texts: every text of the capture is shorter than 2 tokens; pass longer texts (each "
+                         "position needs a next token).")
+    cut = slice(None) if n is None else slice(0, n)
+    sub = Capture(layers=texts.layers, texts=[texts.texts[i] for i in keep], ids=[texts.ids[i][cut] for i in keep],
+                  str_tokens=[texts.str_tokens[i][cut] for i in keep],
+                  hidden=[texts.hidden[i][:, cut] for i in keep])
+    return sub.ids, sub
+
+
+def _capture_subset(cap: Capture, idx: list[int]) -> Capture:
+    return Capture(layers=cap.layers, texts=[cap.texts[i] for i in idx], ids=[cap.ids[i] for i in idx],
+                   str_tokens=[cap.str_tokens[i] for i in idx], hidden=[cap.hidden[i] for i in idx])
+
+
+#: texts read out between two writes of the sweep cache (an interrupted sweep loses at most these)
+_SWEEP_GROUP = 8
+
+_LENS_SWEEP_PARAMS = {
+    **_RUN_PARAMS, **_READOUT_PARAMS,
+    "q": [SequenceOf(Interval(float, 0, 1))],
+    "max_tokens_per_text": [None, Interval(int, 2, None)],
+    "cache_dir": [None, str, os.PathLike],
+    "histogram": [bool],
+}
+
+
+@validate_params(_LENS_SWEEP_PARAMS)
 @_readout_resident
-def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9),
-               batch_size: int | str = "auto", max_tokens_per_text: int | None = 512, cache_dir: str | None = None,
+def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None,
+               q: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9), batch_size: int | str = "auto",
+               max_tokens_per_text: int | None = 512, cache_dir: str | os.PathLike | None = None,
                progress: bool = True, chunk_bytes: int = 8 * 2**20, histogram: bool = False) -> LensSweepResult:
     """Per-layer mean and quantiles of every lens statistic over ``texts`` with bounded memory.
 
@@ -658,19 +773,17 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
     interrupted sweep resumes where it stopped and returns exactly what an uninterrupted one does.
 
     Args:
-        texts: list of strings or a ``datasets.Dataset`` with a ``text`` column.
+        texts: list of strings, a ``datasets.Dataset`` with a ``text`` column, or a
+            :class:`~lensbench.capture.Capture` of hidden states of every layer (``m.capture(texts)``: no
+            model pass).
+        q: quantile levels in [0, 1].
         max_tokens_per_text: only each text's first this-many tokens are used (keeps batches even);
             None = whole texts (each must fit the model's context).
         cache_dir: folder for per-text results (resume); None = no disk cache.
         histogram: also fill the old fixed 2048-bin histograms (``hist``, ``hist_max``; values above 40 nats
             land in the last bin) for code that reads them.
     """
-    if isinstance(texts, str):
-        texts = [texts]
-    if max_tokens_per_text is not None:
-        texts = windows(m, texts, max_tokens_per_text, max_windows_per_text=1)
-    else:
-        texts = tokenize(m, texts)[1]
+    texts, captured = _sweep_items(m, texts, max_tokens_per_text)
     hmax = _hist_max(m)
     L = m.n_layers
     layers = list(range(L + 1))
@@ -709,10 +822,11 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
             todo.append((i, t, key))
     bar = tqdm(total=len(todo), desc="lens sweep", disable=not progress or len(todo) <= 1, leave=False)
     # process in groups so the cache is written as texts finish (resumable)
-    group = 8
-    for g in range(0, len(todo), group):
-        part = todo[g: g + group]
-        res = logit_lens(m, [t for _, t, _ in part], top_k=1, lens=lens, batch_size=batch_size, progress=False,
+    for g in range(0, len(todo), _SWEEP_GROUP):
+        part = todo[g: g + _SWEEP_GROUP]
+        given = ([t for _, t, _ in part] if captured is None
+                 else _capture_subset(captured, [i for i, _, _ in part]))
+        res = logit_lens(m, given, top_k=1, lens=lens, batch_size=batch_size, progress=False,
                          chunk_bytes=chunk_bytes)
         for (_, _, key), r in zip(part, res):
             st = {s: getattr(r, s) for s in STATS}
@@ -724,22 +838,20 @@ def lens_sweep(m: LensModel, texts, *, lens: TunedLens | None = None, q: Sequenc
     table = torch.cat([sk.table(si) for si, sk in enumerate(sketches)])
     qs = torch.stack([_sketch_quantiles(table[table[:, 0] == si], L + 1, q, SKETCH_WIDTH[s], s in EXACT_STATS)
                       for si, s in enumerate(STATS)]).float()
-    return LensSweepResult(layers=layers, stats=list(STATS), q=list(q), mean=mean, quantiles=qs, n_tokens=n_tokens,
-                           n_texts=len(texts), lens=_lens_name(lens), model_name=m.name, sketch=table,
-                           sketch_width=[SKETCH_WIDTH[s] for s in STATS], fingerprint=_fingerprint(m),
+    return LensSweepResult(layers=layers, stats=list(STATS), q=list(q), n_texts=len(texts), n_tokens=n_tokens,
+                           mean=mean, quantiles=qs, sketch=table, sketch_width=[SKETCH_WIDTH[s] for s in STATS],
+                           lens=_lens_name(lens), model_name=m.name, fingerprint=_fingerprint(m),
                            hist=None if hist is None else hist.float(),
                            hist_max=[hmax[s] for s in STATS] if histogram else None)
 
 
 # --------------------------------------------------------------------------------------------- training
-def _split_heldout(texts: list, heldout) -> tuple[list, list]:
+def _split_heldout(texts: list, heldout: int | float | Sequence[str]) -> tuple[list, list]:
+    """(training texts, held-out texts): ``heldout`` is a list of texts, a number of texts, or a fraction of
+    ``texts`` (taken from the end); a single text holds nothing out here."""
     if isinstance(heldout, (list, tuple)):
         return list(texts), list(heldout)
-    if isinstance(heldout, bool) or not isinstance(heldout, (int, float)) or heldout < 0:
-        raise InputError(f"heldout must be a fraction in [0, 1), a number of texts, or a list of texts; got {heldout!r}.")
     if isinstance(heldout, float):
-        if heldout >= 1:
-            raise InputError(f"heldout={heldout} as a fraction must be < 1.")
         n = max(1, round(heldout * len(texts))) if heldout > 0 else 0
     else:
         n = heldout
@@ -749,7 +861,8 @@ def _split_heldout(texts: list, heldout) -> tuple[list, list]:
     return list(texts[:-n]), list(texts[-n:])
 
 
-def _capture_tokens(m: LensModel, wins: list, max_tokens: int, g: torch.Generator, progress: bool) -> torch.Tensor:
+def _capture_tokens(m: LensModel, wins: list, max_tokens: int, g: torch.Generator, progress: bool,
+                    batch_size: int | str = "auto") -> torch.Tensor:
     """``[L+1, N, d]`` float32 CPU residuals of at most ``max_tokens`` positions of seeded random windows."""
     order = torch.randperm(len(wins), generator=g).tolist()
     picked, total = [], 0
@@ -758,7 +871,7 @@ def _capture_tokens(m: LensModel, wins: list, max_tokens: int, g: torch.Generato
             break
         picked.append(wins[i])
         total += len(wins[i])
-    cap = capture(m, picked, layers=None, batch_size="auto", progress=progress)
+    cap = capture(m, picked, layers=None, batch_size=batch_size, progress=progress)
     H = torch.cat([cap.hidden_states(i) for i in range(len(cap))], dim=1)
     if H.shape[1] > max_tokens:
         H = H[:, torch.randperm(H.shape[1], generator=g)[:max_tokens]]
@@ -783,13 +896,40 @@ def _kl_per_layer(m: LensModel, H: torch.Tensor, W: torch.Tensor, b: torch.Tenso
     return (out / N).float()
 
 
+_TRAIN_TUNED_LENS_PARAMS = {
+    "m": _RUN_PARAMS["m"], "batch_size": _RUN_PARAMS["batch_size"], "progress": _RUN_PARAMS["progress"],
+    "n_steps": [Interval(int, 0, None)],
+    "lr": [Interval(float, 0, None)],
+    "momentum": [Interval(float, 0, 1, closed="left")],
+    "weight_decay": [Interval(float, 0, None)],
+    "tokens_per_step": [Interval(int, 1, None)],
+    "max_tokens": [Interval(int, 1, None)],
+    "init": [Options(("identity", "lstsq"))],
+    "optimizer": [Options(("sgd", "adam"))],
+    "warmup_steps": [Interval(int, 0, None)],
+    "clip_grad": [None, Interval(float, 0, None)],
+    "layers_per_step": [None, Interval(int, 1, None)],
+    "heldout": [Interval(int, 0, None), Interval(float, 0, 1, closed="left"), SequenceOf(str, min_len=0)],
+    "heldout_tokens": [Interval(int, 0, None)],
+    "eval_every": [None, Interval(int, 0, None)],
+    "ridge": [Interval(float, 0, None)],
+    "window": [Interval(int, 2, None)],
+    "seed": [int],
+    "batch_tokens": [None, Interval(int, 1, None)],
+}
+
+
+@renamed_params({"steps": "n_steps"})
+@validate_params(_TRAIN_TUNED_LENS_PARAMS)
 @_readout_resident
-def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, momentum: float = 0.9,
+def train_tuned_lens(m: LensModel, texts, *, n_steps: int = 120, lr: float = 1.0, momentum: float = 0.9,
                      weight_decay: float = 1e-3, tokens_per_step: int = 64, max_tokens: int = 4096,
-                     init: str = "identity", optimizer: str = "sgd", warmup_steps: int = 0, clip_grad: float = 1.0,
-                     layers_per_step: int | None = None, heldout=0.1, heldout_tokens: int = 256,
+                     init: str = "identity", optimizer: str = "sgd", warmup_steps: int = 0,
+                     clip_grad: float | None = 1.0, layers_per_step: int | None = None,
+                     heldout: int | float | Sequence[str] = 0.1, heldout_tokens: int = 256,
                      eval_every: int | None = None, ridge: float = 1e-2, window: int = 256, seed: int = 0,
-                     progress: bool = True, batch_tokens: int | None = None) -> TunedLens:
+                     batch_size: int | str = "auto", progress: bool = True,
+                     batch_tokens: int | None = None) -> TunedLens:
     """Train a tuned lens (Belrose et al. 2023): per-layer affine translators ``h + W_l h + b_l`` minimising
     KL(p_L || p_l) with the model frozen.
 
@@ -798,7 +938,7 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
     rate ``lr * (1 - momentum)`` (the package's "lr 1.0" scaling), weight decay 1e-3 (towards the identity), no
     warmup and a linear decay to 0, gradient-norm clipping at 1. The paper takes 250 steps of 2^18 tokens; on a
     CPU each token costs ``2·L`` full-vocabulary unembeddings (forward + backward) per step (~0.12 s per token
-    and step for SmolLM2-135M on one core), so the CPU default is ``steps=120`` steps of ``tokens_per_step=64``
+    and step for SmolLM2-135M on one core), so the CPU default is ``n_steps=120`` steps of ``tokens_per_step=64``
     tokens drawn from ``max_tokens`` captured positions — about 15 min on one free core; a GPU does the paper's
     budget in minutes. Measured on SmolLM2-135M (trained on shipped texts 0-15, 256 positions of texts 20-23
     held out; held-out KL averaged over layers 0..29): logit lens 11.5 nats, least-squares jump lens 2.4;
@@ -809,23 +949,25 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
 
     Args:
         texts: training texts (e.g. ``lb.sample_texts()``); cut into ``window``-token windows.
-        steps: optimiser steps (0 = return the initialisation).
+        n_steps: optimiser steps (0 = return the initialisation); ``steps`` is its old name.
         lr: learning rate; for SGD the step is ``lr * (1 - momentum)`` (as in ``tuned-lens``), Adam uses it as is.
         momentum, weight_decay: SGD momentum (Nesterov) / Adam beta1, and L2 decay of ``W`` and ``b``.
         tokens_per_step: positions per step (each step trains every layer on them); ``batch_tokens`` is
             the deprecated name.
         max_tokens: positions captured once for training (hidden states of every layer, on CPU).
+        batch_size: windows per forward pass of the capture (``"auto"`` or a positive int).
         init: ``"identity"`` (the paper, default) or ``"lstsq"``: ridge least squares from ``h_l`` to ``h_L``
-            (a "jump" map; with ``steps=0`` it is the least-squares jump lens).
+            (a "jump" map; with ``n_steps=0`` it is the least-squares jump lens).
         optimizer: ``"sgd"`` (default, Nesterov) or ``"adam"``.
         layers_per_step: None = every layer every step (the paper); an int samples that many layers per step.
         heldout: texts never trained on, for the held-out KL curve: a fraction of ``texts`` (taken from the
             end), a number of texts, or a list of texts; with a single text nothing is held out.
-        heldout_tokens: held-out positions evaluated; eval_every: steps between evaluations (default ~8 per run).
+        heldout_tokens: held-out positions evaluated; eval_every: steps between evaluations (None or 0: ~8 per
+            run).
         ridge: L2 penalty of the least-squares initialisation, relative to the mean squared activation.
         seed: seeds window/token/layer sampling.
 
-    The old default (``init="lstsq", optimizer="adam", lr=1e-4, steps=100, tokens_per_step=64,
+    The old default (``init="lstsq", optimizer="adam", lr=1e-4, n_steps=100, tokens_per_step=64,
     layers_per_step=4``) is reachable with those arguments.
     """
     import time
@@ -833,15 +975,9 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
         import warnings
         warnings.warn("batch_tokens is deprecated; use tokens_per_step", DeprecationWarning, stacklevel=2)
         tokens_per_step = batch_tokens
-    if init not in ("lstsq", "identity"):
-        raise InputError("init must be 'identity' or 'lstsq'.")
-    if optimizer not in ("sgd", "adam"):
-        raise InputError("optimizer must be 'sgd' or 'adam'.")
-    for name, v in (("steps", steps), ("tokens_per_step", tokens_per_step), ("max_tokens", max_tokens),
-                    ("heldout_tokens", heldout_tokens), ("warmup_steps", warmup_steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and name in ("tokens_per_step",
-                                                                                         "max_tokens")):
-            raise InputError(f"{name} must be a non-negative int (positive for tokens), got {v!r}.")
+    if optimizer == "sgd" and momentum == 0:
+        raise InputError("train_tuned_lens: momentum=0 is not allowed with optimizer='sgd' (Nesterov momentum "
+                         "needs momentum > 0); pass momentum > 0 or optimizer='adam'.")
     if isinstance(texts, str):
         texts = [texts]
     if hasattr(texts, "column_names") and "text" in getattr(texts, "column_names", []):
@@ -856,11 +992,11 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
     if not held_wins and not isinstance(heldout, (list, tuple)) and heldout and len(wins) >= 2:
         n_h = max(1, len(wins) // 10)  # a single text: hold out its last windows
         wins, held_wins = wins[:-n_h], wins[-n_h:]
-    H = _capture_tokens(m, wins, max_tokens, g, progress)  # [L+1, N, d] float32 CPU
+    H = _capture_tokens(m, wins, max_tokens, g, progress, batch_size)  # [L+1, N, d] float32 CPU
     N = H.shape[1]
     if N < 8:
         raise InputError("texts give fewer than 8 tokens; pass more training text.")
-    Hh = _capture_tokens(m, held_wins, heldout_tokens, g, False) if held_wins and heldout_tokens else None
+    Hh = _capture_tokens(m, held_wins, heldout_tokens, g, False, batch_size) if held_wins and heldout_tokens else None
     W = torch.zeros(L, d, d)
     b = torch.zeros(L, d)
     if init == "lstsq":
@@ -872,7 +1008,7 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
             Wx = torch.linalg.solve(G, X.T @ Y)              # [d+1, d]: h_L ~ h @ Wx[:-1] + Wx[-1]
             W[la] = (Wx[:-1].T - torch.eye(d, dtype=torch.float64)).float()
             b[la] = Wx[-1].float()
-    eval_every = eval_every or max(1, steps // 8)
+    eval_every = eval_every or max(1, n_steps // 8)
     heldout_steps: list[int] = []
     heldout_kl: list[torch.Tensor] = []
 
@@ -883,7 +1019,7 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
 
     evaluate(0)
     history: list[float] = []
-    if steps > 0:
+    if n_steps > 0:
         dev = m.device
         Wp = W.to(dev).requires_grad_(True)
         bp = b.to(dev).requires_grad_(True)
@@ -893,16 +1029,16 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
         else:
             opt = torch.optim.Adam([Wp, bp], lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
 
-        def schedule(s: int) -> float:  # linear warmup, then linear decay to 0 at `steps`
+        def schedule(s: int) -> float:  # linear warmup, then linear decay to 0 at `n_steps`
             if s < warmup_steps:
                 return (s + 1) / (warmup_steps + 1)
-            return max(0.0, (steps - s) / max(1, steps - warmup_steps))
+            return max(0.0, (n_steps - s) / max(1, n_steps - warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         # by name: accelerate swaps an offloaded module's parameter objects at every forward
         frozen = {n: p.requires_grad for n, p in m.model.named_parameters()}
         for p in m.model.parameters():
             p.requires_grad_(False)
-        bar = tqdm(range(steps), desc="tuned lens", disable=not progress, leave=False)
+        bar = tqdm(range(n_steps), desc="tuned lens", disable=not progress, leave=False)
         B = min(tokens_per_step, N)
         try:
             for step in bar:
@@ -930,14 +1066,14 @@ def train_tuned_lens(m: LensModel, texts, *, steps: int = 120, lr: float = 1.0, 
                 sched.step()
                 history.append(total / len(lay))
                 bar.set_postfix(kl=f"{history[-1]:.3f}")
-                if (step + 1) % eval_every == 0 or step + 1 == steps:
+                if (step + 1) % eval_every == 0 or step + 1 == n_steps:
                     W, b = Wp.detach().cpu(), bp.detach().cpu()
                     evaluate(step + 1)
         finally:
             for n, p in m.model.named_parameters():
                 p.requires_grad_(frozen.get(n, p.requires_grad))
         W, b = Wp.detach().cpu(), bp.detach().cpu()
-    settings = {"steps": steps, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+    settings = {"n_steps": n_steps, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                 "tokens_per_step": tokens_per_step, "optimizer": optimizer, "init": init, "warmup_steps": warmup_steps,
                 "clip_grad": clip_grad, "layers_per_step": layers_per_step, "tokens": N,
                 "heldout_tokens": 0 if Hh is None else int(Hh.shape[1]), "seed": seed,
