@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -90,6 +91,9 @@ def test_layer_subset_and_batch_of_texts(tiny):
     m = tiny("gpt2")
     full = lb.logit_lens(m, [TEXT, "hello world"], progress=False)
     assert isinstance(full, list) and len(full) == 2
+    alone = lb.logit_lens(m, TEXT, progress=False)
+    assert full[0].tokens == alone.tokens
+    assert torch.allclose(full[0].kl_to_final, alone.kl_to_final, atol=1e-5)
     sub = lb.logit_lens(m, "hello world", layers=[0, -1], progress=False)
     assert sub.layers == [0, 2]
     assert torch.allclose(sub.entropy, full[1].entropy[[0, 2]], atol=1e-5)
@@ -113,6 +117,79 @@ def test_backends_give_same_lens():
 def test_bad_arguments(tiny, kw, match):
     with pytest.raises(lb.InputError, match=match):
         lb.logit_lens(tiny("llama"), TEXT, progress=False, **kw)
+
+
+def _refused_by_name(call, param, value):
+    with pytest.raises(lb.InputError) as e:
+        call()
+    msg = str(e.value)
+    assert re.search(rf"\b{re.escape(param)}\b", msg), msg
+    assert repr(value)[:20] in msg, msg
+
+
+@pytest.mark.parametrize("param, value", [
+    ("top_k", 0), ("top_k", 2.5), ("top_k", 10**6), ("top_k", True), ("target", 3.5), ("target", [1]),
+    ("layers", "2"), ("layers", []), ("lens", "tuned"), ("apply_final_norm", "yes"), ("batch_size", 0),
+    ("batch_size", "big"), ("add_bos", 1), ("truncate", None), ("backend", "magic"), ("chunk_bytes", 0),
+    ("chunk_bytes", 1.5), ("keep_hidden", "no"), ("progress", 1), ("m", "SmolLM2"),
+], ids=lambda v: repr(v))
+def test_logit_lens_refuses_each_bad_value_by_name(tiny, param, value):
+    kw = {"m": tiny("llama"), "text": TEXT, "progress": False, param: value}
+    _refused_by_name(lambda: lb.logit_lens(**kw), param, value)
+
+
+@pytest.mark.parametrize("param, value", [
+    ("q", (1.5,)), ("q", 0.5), ("q", ()), ("max_tokens_per_text", 1), ("max_tokens_per_text", 64.0),
+    ("batch_size", 0), ("cache_dir", 3), ("histogram", "yes"), ("lens", "tuned"), ("chunk_bytes", 0),
+    ("progress", "no"),
+], ids=lambda v: repr(v))
+def test_lens_sweep_refuses_each_bad_value_by_name(tiny, param, value):
+    m = tiny("llama")
+    _refused_by_name(lambda: lb.lens_sweep(m, [TEXT], **{"progress": False, param: value}), param, value)
+
+
+def test_logit_lens_reads_an_existing_capture(tiny):
+    m = tiny("llama")
+    texts = [TEXT, "hello world, hello lens"]
+    g = torch.Generator().manual_seed(0)
+    tl = lb.TunedLens(0.05 * torch.randn(m.n_layers, m.d_model, m.d_model, generator=g),
+                      torch.zeros(m.n_layers, m.d_model), m.name, fingerprint=m.fingerprint)
+    cap = m.capture(texts, progress=False)
+    calls = {"n": 0}
+    h = m.model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        from_cap = lb.logit_lens(m, cap, target="e", layers=[0, -1], lens=tl, progress=False)
+    finally:
+        h.remove()
+    assert calls["n"] == 0  # no model pass
+    from_text = lb.logit_lens(m, texts, target="e", layers=[0, -1], lens=tl, progress=False)
+    assert len(from_cap) == len(from_text) == 2
+    for a, b in zip(from_cap, from_text):
+        assert a.tokens == b.tokens and torch.equal(a.input_ids, b.input_ids) and a.layers == b.layers == [0, 2]
+        assert torch.equal(a.top_ids, b.top_ids)
+        for k in ("top_probs", "entropy", "kl_to_final", "ce_next", "top1_confidence", "target_prob",
+                  "target_rank", "logsumexp"):
+            assert torch.allclose(getattr(a, k), getattr(b, k), atol=1e-6, equal_nan=True), k
+    # inside a capture's reduce, on the batch's device tensors
+    per_batch = m.capture(texts, reduce=lambda batch: lb.logit_lens(m, batch, progress=False), progress=False)
+    plain = lb.logit_lens(m, texts, progress=False)
+    for a, b in zip(per_batch.results, plain):
+        assert a.tokens == b.tokens
+        assert torch.allclose(a.kl_to_final, b.kl_to_final, atol=1e-6)
+        assert torch.allclose(a.top_probs, b.top_probs, atol=1e-6)
+    with pytest.raises(lb.InputError, match="layers"):
+        lb.logit_lens(m, m.capture(texts, layers=[0], progress=False), progress=False)
+
+
+def test_sweep_reads_an_existing_capture(tiny):
+    m = tiny("llama")
+    texts = [t[:200] for t in lb.sample_texts(3)]
+    ref = lb.lens_sweep(m, texts, max_tokens_per_text=24, progress=False)
+    sw = lb.lens_sweep(m, m.capture(texts, progress=False), max_tokens_per_text=24, progress=False)
+    assert (sw.n_texts, sw.n_tokens) == (ref.n_texts, ref.n_tokens) == (3, 72)
+    assert torch.allclose(sw.mean, ref.mean, atol=1e-6)
+    width = torch.tensor(sw.sketch_width)[:, None, None]
+    assert ((sw.quantiles - ref.quantiles).abs() <= width + 1e-6).all()  # at most one bin apart
 
 
 def test_nonfinite_hidden_states_are_reported(tiny):
@@ -217,11 +294,24 @@ def test_results_roundtrip_and_views(tiny, tmp_path):
     assert df.query("layer == 2")["top1_prob"].to_numpy() == pytest.approx(res.top_probs[-1, :, 0].numpy())
     fig = res.figure("entropy")
     assert fig.data[0].z.shape == (3, len(res.tokens))
-    assert "LensResult" in res._repr_html_()
+    assert np.array_equal(fig.data[0].z, res.stat("entropy").numpy().astype(float))
+    assert list(fig.data[0].y) == [str(la) for la in res.layers]
+    assert len(fig.data[0].x) == len(res.tokens) and fig.data[0].x[0].startswith("0:")
+    assert fig.layout.title.text == f"logit lens · entropy H(p_l) [nats] · target: {res.target}"
+    html = res._repr_html_()
+    assert "LensResult" in html and html.count("<tr>") == 1 + len(res.layers)
+    assert html.count("<td>") == len(res.layers) * min(16, len(res.tokens))
     sw = lb.lens_sweep(m, ["hello world", TEXT], progress=False)
     sw.save(tmp_path / "s")
     assert lb.LensSweepResult.load(tmp_path / "s.safetensors") == sw
-    assert len(sw.figure().data) == 3
+    sfig = sw.figure()
+    assert len(sfig.data) == 3
+    kl = sw.stats.index("kl_to_final")
+    assert [t.name for t in sfig.data] == ["q0.1–q0.9", "median", "mean"]
+    assert np.allclose(sfig.data[2].y, sw.mean[kl].numpy())
+    assert np.allclose(sfig.data[1].y, sw.quantiles[kl, :, sw.q.index(0.5)].numpy())
+    assert list(sfig.data[2].x) == sw.layers
+    assert sfig.layout.title.text.startswith(f"logit lens · kl_to_final per layer over 2 texts ({sw.n_tokens} tokens)")
 
 
 def test_retarget_without_forward_pass(tiny):

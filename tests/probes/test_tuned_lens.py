@@ -4,6 +4,8 @@ file format, fingerprint checks, and the paper's claim on the default model (bea
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -47,7 +49,7 @@ def _write_tuned_lens_folder(path, m, W, b, *, prefix="", name="tiny"):
 
 def test_initialisation_is_the_identity_and_residual(tiny):
     m = tiny("llama")
-    tl = lb.train_tuned_lens(m, lb.sample_texts(4), steps=0, progress=False)
+    tl = lb.train_tuned_lens(m, lb.sample_texts(4), n_steps=0, progress=False)
     assert torch.equal(tl.W, torch.zeros_like(tl.W)) and torch.equal(tl.b, torch.zeros_like(tl.b))
     h = torch.randn(5, m.d_model)
     assert torch.equal(tl.apply(h, 0), h)
@@ -56,6 +58,8 @@ def test_initialisation_is_the_identity_and_residual(tiny):
     b = lb.logit_lens(m, TEXT, lens=tl, progress=False)
     assert torch.allclose(a.kl_to_final, b.kl_to_final, atol=1e-6)
     assert tl.heldout_steps == [0] and tl.heldout_kl.shape == (1, m.n_layers)
+    assert torch.isfinite(tl.heldout_kl).all() and (tl.heldout_kl > 0).all()  # KL(p_L || p_l), l < L
+    assert tl.history == [] and tl.settings["n_steps"] == 0 and tl.settings["init"] == "identity"
 
 
 def test_lens_matches_independent_reference_and_roundtrips(tiny, tmp_path):
@@ -121,12 +125,60 @@ def test_lens_trained_on_other_weights_is_refused(tiny):
 def test_training_lowers_heldout_kl_on_tiny_model(tiny):
     m = lb.load(*tiny_model("llama", num_hidden_layers=4))
     texts = lb.sample_texts()
-    tl = lb.train_tuned_lens(m, texts[:6], heldout=texts[-2:], steps=40, progress=False)
+    tl = lb.train_tuned_lens(m, texts[:6], heldout=texts[-2:], n_steps=40, progress=False)
     assert len(tl.history) == 40 and tl.settings["optimizer"] == "sgd" and tl.settings["init"] == "identity"
     assert tl.heldout_steps[0] == 0 and tl.heldout_steps[-1] == 40
     assert (tl.heldout_kl[-1] < 0.6 * tl.heldout_kl[0]).all(), tl.heldout_kl
-    old = lb.train_tuned_lens(m, texts[:6], init="lstsq", optimizer="adam", lr=1e-4, steps=3, layers_per_step=2,
+    old = lb.train_tuned_lens(m, texts[:6], init="lstsq", optimizer="adam", lr=1e-4, n_steps=3, layers_per_step=2,
                               progress=False)
     assert len(old.history) == 3 and old.settings["init"] == "lstsq"
+    assert all(math.isfinite(v) and v >= 0 for v in old.history)
     with pytest.warns(DeprecationWarning, match="tokens_per_step"):
-        lb.train_tuned_lens(m, texts[:2], steps=1, batch_tokens=16, progress=False)
+        lb.train_tuned_lens(m, texts[:2], n_steps=1, batch_tokens=16, progress=False)
+
+
+def test_steps_is_the_old_name_of_n_steps(tiny):
+    m = tiny("llama")
+    texts = lb.sample_texts(3)
+    kw = dict(max_tokens=64, tokens_per_step=16, heldout=0, progress=False)
+    new = lb.train_tuned_lens(m, texts, n_steps=3, **kw)
+    with pytest.warns(FutureWarning, match="n_steps"):
+        old = lb.train_tuned_lens(m, texts, steps=3, **kw)
+    assert torch.equal(old.W, new.W) and torch.equal(old.b, new.b) and old.history == new.history
+    assert not torch.equal(new.W, torch.zeros_like(new.W))  # three steps moved the translators
+    with pytest.raises(lb.InputError, match="n_steps"):
+        lb.train_tuned_lens(m, texts, steps=3, n_steps=3, **kw)
+
+
+def _refused_by_name(call, param, value):
+    with pytest.raises(lb.InputError) as e:
+        call()
+    msg = str(e.value)
+    assert re.search(rf"\b{re.escape(param)}\b", msg), msg
+    assert repr(value)[:20] in msg, msg
+
+
+@pytest.mark.parametrize("param, value", [
+    ("n_steps", -1), ("n_steps", 2.0), ("lr", -1.0), ("momentum", 1.0), ("momentum", -0.1), ("weight_decay", -1e-3),
+    ("tokens_per_step", 0), ("max_tokens", 0), ("init", "random"), ("optimizer", "lbfgs"), ("warmup_steps", -1),
+    ("clip_grad", -1.0), ("layers_per_step", 0), ("heldout", 1.5), ("heldout", -1), ("heldout", True),
+    ("heldout", [1, 2]), ("heldout_tokens", -1), ("eval_every", -1), ("ridge", -1.0), ("window", 1),
+    ("seed", None), ("batch_size", 0), ("batch_tokens", 0), ("progress", "no"), ("m", "SmolLM2"),
+], ids=lambda v: repr(v))
+def test_train_tuned_lens_refuses_each_bad_value_by_name(tiny, param, value):
+    kw = {"m": tiny("llama"), "texts": [TEXT], "progress": False, param: value}
+    _refused_by_name(lambda: lb.train_tuned_lens(**kw), param, value)
+
+
+def test_nesterov_sgd_needs_momentum(tiny):
+    with pytest.raises(lb.InputError, match=r"momentum=0 .*optimizer='sgd'"):
+        lb.train_tuned_lens(tiny("llama"), [TEXT], momentum=0.0, progress=False)
+
+
+@pytest.mark.parametrize("loader, kw", [
+    ("load", {"path": 3}), ("load", {"path": "x.safetensors", "model": "SmolLM2"}),
+    ("from_tuned_lens", {"folder": None}), ("from_tuned_lens", {"folder": "lens", "model": 1}),
+], ids=str)
+def test_lens_loaders_refuse_bad_values_by_name(loader, kw):
+    param, value = list(kw.items())[-1]
+    _refused_by_name(lambda: getattr(lb.TunedLens, loader)(**kw), param, value)
