@@ -1,6 +1,6 @@
 """lensbench performance benchmarks; every case runs in its own subprocess so peak memory is clean.
 
-    python -m bench.run            # full run (repeats=3), writes bench/RESULTS.md and bench/results.json
+    python -m bench.run            # full run (repeats=3), writes bench/RESULTS.md and results.json beside it
     python -m bench.run --quick    # repeats=1
     python -m bench.run --only B.ours,B.floor   # a subset (RESULTS.md is still written)
 
@@ -493,7 +493,7 @@ def main() -> None:
     ap.add_argument("--metric", choices=("wall", "cpu"), default="wall",
                     help="what ratios/verdicts use: wall seconds (default) or process CPU seconds (for a busy "
                          "machine, with --threads 1)")
-    ap.add_argument("--report-only", action="store_true", help="re-render RESULTS.md from bench/results.json")
+    ap.add_argument("--report-only", action="store_true", help="re-render --out from the results.json beside it")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -503,7 +503,7 @@ def main() -> None:
         worker(args.worker, args.repeats, args.tmp, args.threads)
         return
     if args.report_only:
-        saved = json.loads((HERE / "results.json").read_text())
+        saved = json.loads(args.out.with_name("results.json").read_text())
         for k in ("quick", "repeats", "only", "threads", "max_wait", "metric"):
             setattr(args, k, saved["args"].get(k, getattr(args, k, None)))
         mach = saved.get("machine") or machine_info(MACHINE_PACKAGES)
@@ -539,7 +539,7 @@ def main() -> None:
     cmd = run_command(args)
     write_results(args.out, render(res, agree, mach, args, total), cmd,
                   {"args": saved_args, "results": res, "agreement": agree, "total_s": total, "machine": mach},
-                  json_path=HERE / "results.json")
+                  json_path=args.out.with_name("results.json"))
 
 
 if __name__ == "__main__":
