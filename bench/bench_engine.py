@@ -5,7 +5,8 @@
     python -m bench.bench_engine --quick              # 1 round, smaller workloads
 
 The ``before`` tree is a ``git worktree`` of that revision in a temporary folder. Each round runs one subprocess
-per tree, started in that tree (its folder comes first on ``sys.path``, so it imports that tree's lensbench) (alternating which goes first); a subprocess loads the model once, warms every probe up once, then
+per tree (alternating which goes first), started in that tree, whose folder then comes first on ``sys.path`` so
+that it imports that tree's lensbench; a subprocess loads the model once, warms every probe up once, then
 times each probe once. A probe's time per tree is the median over rounds; the ratio after/before > 1.05 is
 flagged as a regression. Only public ``lb.`` names are called, so both trees run the same script. Writes
 ``bench/RESULTS-engine.md`` and ``bench/results-engine.json``.
