@@ -120,6 +120,7 @@ def test_bad_arguments(tiny, kw, match):
 
 
 def _refused_by_name(call, param, value):
+    """`call()` raises an InputError whose message names `param` and shows `value`."""
     with pytest.raises(lb.InputError) as e:
         call()
     msg = str(e.value)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 import torch
+from test_lens import _refused_by_name
 
 import lensbench as lb
 from lensbench.probes import lens as lens_mod
@@ -148,14 +148,6 @@ def test_steps_is_the_old_name_of_n_steps(tiny):
     assert not torch.equal(new.W, torch.zeros_like(new.W))  # three steps moved the translators
     with pytest.raises(lb.InputError, match="n_steps"):
         lb.train_tuned_lens(m, texts, steps=3, n_steps=3, **kw)
-
-
-def _refused_by_name(call, param, value):
-    with pytest.raises(lb.InputError) as e:
-        call()
-    msg = str(e.value)
-    assert re.search(rf"\b{re.escape(param)}\b", msg), msg
-    assert repr(value)[:20] in msg, msg
 
 
 @pytest.mark.parametrize("param, value", [
