@@ -119,7 +119,7 @@ def test_single_token_text(m):
         with pytest.raises(lb.InputError, match=pattern):
             PROBES[probe](m, one)
     with pytest.raises(lb.InputError, match=r"token"):
-        lb.train_tuned_lens(m, [one], steps=1, progress=False)
+        lb.train_tuned_lens(m, [one], n_steps=1, progress=False)
 
 
 @pytest.mark.parametrize("kw,pattern", [

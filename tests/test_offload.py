@@ -146,7 +146,7 @@ def _lens_sweep(m):
 
 def _tuned(m):
     torch.manual_seed(0)
-    tl = lb.train_tuned_lens(m, TEXTS, steps=4, tokens_per_step=16, heldout=0.25, seed=0, progress=False)
+    tl = lb.train_tuned_lens(m, TEXTS, n_steps=4, tokens_per_step=16, heldout=0.25, seed=0, progress=False)
     return tl.W, tl.b, lb.logit_lens(m, TEXTS[0], lens=tl, progress=False)
 
 
