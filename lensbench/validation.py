@@ -27,11 +27,13 @@ import inspect
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 
-__all__ = ["Check", "Interval", "Options", "SequenceOf", "check_params", "renamed_params", "validate_params"]
+__all__ = ["DROP", "Check", "Interval", "Options", "SequenceOf", "caller_stacklevel", "check_params", "renamed_params",
+           "validate_params"]
 
 
 def _is_number(v: Any, kind: type) -> bool:
@@ -201,26 +203,51 @@ def validate_params(constraints: dict[str, list]):
     return deco
 
 
-def renamed_params(renames: dict[str, str], *, since: str = "0.2"):
-    """Decorator: accept old keyword names as deprecated aliases of new ones (``{"steps": "n_steps"}``).
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that points at the first frame outside lensbench (the user's call),
+    however many lensbench wrappers sit in between."""
+    import sys
+    pkg = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    return level
 
-    The old name still works, with a ``FutureWarning`` that names the new one; passing both is an error.
-    Put it *outside* :func:`validate_params` so the checks see the new names.
+
+DROP = object()  #: returned by a rename's converter: the old keyword is ignored
+
+
+def renamed_params(renames: dict[str, str | tuple[str, Callable[[Any], Any]]], *, since: str = "0.2"):
+    """Decorator: accept old keyword names as deprecated aliases of new ones.
+
+    ``{"steps": "n_steps"}`` forwards the value; ``{"exclude_bos": ("exclude_first", convert)}`` forwards
+    ``convert(old_value)`` (return :data:`DROP` to ignore the old keyword, e.g. for its old ``None`` default).
+    The old name still works, with a ``FutureWarning`` that names the new one and points at the caller; passing
+    both is an error. Put it *outside* :func:`validate_params` so the checks see the new names. Stacked
+    decorators merge their tables in ``fn.renamed_params``.
     """
 
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            for old, new in renames.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise InputError(f"{fn.__name__}: pass {new}= only ({old}= is its old name).")
-                    warnings.warn(f"{fn.__name__}: {old}= is renamed {new}= (since lensbench {since}); the old name "
-                                  "will be removed.", FutureWarning, stacklevel=2)
-                    kwargs[new] = kwargs.pop(old)
+            for old, spec in renames.items():
+                if old not in kwargs:
+                    continue
+                new, convert = (spec, None) if isinstance(spec, str) else spec
+                value = kwargs.pop(old)
+                if convert is not None:
+                    value = convert(value)
+                    if value is DROP:
+                        continue
+                if new in kwargs:
+                    raise InputError(f"{fn.__name__}: pass {new}= only ({old}= is its old name).")
+                warnings.warn(f"{fn.__name__}: {old}= is renamed {new}= (since lensbench {since}); the old name "
+                              "will be removed.", FutureWarning, stacklevel=caller_stacklevel())
+                kwargs[new] = value
             return fn(*args, **kwargs)
 
-        wrapper.renamed_params = dict(renames)
+        wrapper.renamed_params = {**getattr(fn, "renamed_params", {}),
+                                  **{o: (v if isinstance(v, str) else v[0]) for o, v in renames.items()}}
         return wrapper
 
     return deco

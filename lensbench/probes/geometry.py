@@ -24,7 +24,6 @@ All statistics are computed on the model's device inside the capture engine's pe
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -44,7 +43,15 @@ from ..plots.geometry import (
     shuffle_figure,
 )
 from ..results import Result
-from ..validation import Interval, Options, SequenceOf, validate_params
+from ..validation import (
+    DROP,
+    Interval,
+    Options,
+    SequenceOf,
+    caller_stacklevel,
+    renamed_params,
+    validate_params,
+)
 
 ESTIMATORS = ("gride", "twonn", "mle", "pca")
 MIN_TOKENS_STABLE = 500
@@ -53,29 +60,8 @@ LINEARITY_MIN_RATIO = 10  # linearity warns below N = 10·d pooled points (the i
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _exclude_bos_alias(fn=None, *, stacklevel: int = 2):
-    """Accept ``exclude_bos=`` (the old name of ``exclude_first``) with a ``FutureWarning``: True is
-    ``exclude_first="bos"`` (only a literal BOS), False is False; ``exclude_bos=None`` is ignored.
-
-    ``stacklevel`` 3 under another decorator, so that the warning points at the caller."""
-    if fn is None:
-        return functools.partial(_exclude_bos_alias, stacklevel=stacklevel)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if "exclude_bos" in kwargs:
-            old = kwargs.pop("exclude_bos")
-            if old is not None:
-                if "exclude_first" in kwargs:
-                    raise InputError(f"{fn.__name__}: pass exclude_first= only (exclude_bos= is its old name).")
-                warnings.warn(f"{fn.__name__}: exclude_bos= is renamed exclude_first= (since lensbench 0.2; "
-                              "exclude_bos=True is exclude_first='bos', False is False); the old name will be "
-                              "removed.", FutureWarning, stacklevel=stacklevel)
-                kwargs["exclude_first"] = "bos" if old else False
-        return fn(*args, **kwargs)
-
-    wrapper.renamed_params = {**getattr(fn, "renamed_params", {}), "exclude_bos": "exclude_first"}
-    return wrapper
+#: ``exclude_bos=`` is the old name of ``exclude_first``: True meant "drop position 0 only when it is a literal BOS"
+EXCLUDE_BOS_RENAME = {"exclude_bos": ("exclude_first", lambda v: DROP if v is None else ("bos" if v else False))}
 
 
 #: constraints shared by the probes that run the model (see :mod:`lensbench.validation`)
@@ -90,8 +76,6 @@ _VIEW_PARAMS = {"exclude_first": [Options((True, False, "bos"))], "last_layer": 
 _ESTIMATOR_PARAMS = {"estimator": [Options(ESTIMATORS)], "scale": [Interval(int, 2, None)]}
 #: pooled clouds: their size and the seed of their subsample
 _POOL_PARAMS = {"max_points": [Interval(int, 1, None)], "seed": [int]}
-#: ``stacklevel`` of a probe's warnings: the probe, the validation and the exclude_bos wrappers, its caller
-_CALLER = 4
 
 
 def _skip(m: LensModel, ids: torch.Tensor, exclude_first) -> int:
@@ -364,7 +348,7 @@ _INTRINSIC_DIMENSION_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, **_ESTIMATOR_PARAM
                                "per": [Options(("prompt", "pooled"))]}
 
 
-@_exclude_bos_alias
+@renamed_params(EXCLUDE_BOS_RENAME)
 @validate_params(_INTRINSIC_DIMENSION_PARAMS)
 def intrinsic_dimension(m: LensModel, texts, *, estimator: str = "gride", scale: int = 4, per: str = "prompt",
                         layers=None, exclude_first: bool | str = True, last_layer: str = "post_norm",
@@ -392,7 +376,7 @@ def intrinsic_dimension(m: LensModel, texts, *, estimator: str = "gride", scale:
         if min(ntok) < MIN_TOKENS_STABLE:
             warnings.warn(f"per='prompt' with {min(ntok)} tokens in the shortest prompt: per-prompt ID needs "
                           f"T ≳ {MIN_TOKENS_STABLE} tokens to be stable; use longer prompts or per='pooled'.",
-                          stacklevel=_CALLER)
+                          stacklevel=caller_stacklevel())
         return GeometryResult("id", layers, prompts, vals, spread, loss, ntok, dups, settings, m.name)
     pools, prompts, loss, layers = pooled_clouds(m, texts, layers=layers, exclude_first=exclude_first,
                                                  last_layer=last_layer, max_points=max_points,
@@ -414,7 +398,7 @@ intrinsic_dimension.__doc__ = intrinsic_dimension.__doc__.replace("{view}", _VIE
 _POOLED_CLOUDS_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, **_POOL_PARAMS}
 
 
-@_exclude_bos_alias
+@renamed_params(EXCLUDE_BOS_RENAME)
 @validate_params(_POOLED_CLOUDS_PARAMS)
 def pooled_clouds(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True,
                   last_layer: str = "post_norm", max_points: int = 50_000, batch_size: int | str = "auto",
@@ -441,7 +425,7 @@ def pooled_clouds(m: LensModel, texts, *, layers=None, exclude_first: bool | str
 _NEIGHBORHOOD_OVERLAP_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, "k": [Interval(int, 1, None)]}
 
 
-@_exclude_bos_alias
+@renamed_params(EXCLUDE_BOS_RENAME)
 @validate_params(_NEIGHBORHOOD_OVERLAP_PARAMS)
 def neighborhood_overlap(m: LensModel, texts, *, k: int = 10, layers=None, exclude_first: bool | str = True,
                          last_layer: str = "post_norm", batch_size: int | str = "auto",
@@ -493,7 +477,7 @@ def anisotropy_of(X: torch.Tensor) -> float:
 _COSINE_SIMILARITY_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS}
 
 
-@_exclude_bos_alias
+@renamed_params(EXCLUDE_BOS_RENAME)
 @validate_params(_COSINE_SIMILARITY_PARAMS)
 def cosine_similarity(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True,
                       last_layer: str = "post_norm", batch_size: int | str = "auto",
@@ -513,7 +497,7 @@ def cosine_similarity(m: LensModel, texts, *, layers=None, exclude_first: bool |
 _ANISOTROPY_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS}
 
 
-@_exclude_bos_alias
+@renamed_params(EXCLUDE_BOS_RENAME)
 @validate_params(_ANISOTROPY_PARAMS)
 def anisotropy(m: LensModel, texts, *, layers=None, exclude_first: bool | str = True, last_layer: str = "post_norm",
                batch_size: int | str = "auto", progress: bool = True) -> GeometryResult:
@@ -600,7 +584,7 @@ def linear_fit_heldout(X, Y, *, seed: int = 0, rcond: float = 1e-12, split=None,
 _LINEARITY_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, **_POOL_PARAMS, "prompt": [None, str]}
 
 
-@_exclude_bos_alias
+@renamed_params(EXCLUDE_BOS_RENAME)
 @validate_params(_LINEARITY_PARAMS)
 def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, exclude_first: bool | str = True,
               last_layer: str = "post_norm", max_points: int = 50_000, batch_size: int | str = "auto",
@@ -625,11 +609,11 @@ def linearity(m: LensModel, texts, *, prompt: str | None = None, layers=None, ex
     N, d = pools[0].shape
     if N <= d + 1:
         warnings.warn(f"linearity fitted on N={N} points in d={d}: with N <= d+1 the least-squares fit is exact "
-                      "and the score is 1 whatever the model does; pool more tokens (N >> d).", stacklevel=_CALLER)
+                      "and the score is 1 whatever the model does; pool more tokens (N >> d).", stacklevel=caller_stacklevel())
     elif N < LINEARITY_MIN_RATIO * d:
         warnings.warn(f"linearity fitted on N={N} points in d={d} (N < {LINEARITY_MIN_RATIO}·d): the in-sample "
                       f"score is inflated by about d/N = {d / N:.2f}; read the held-out score "
-                      "(score_heldout) or pool more tokens.", stacklevel=_CALLER)
+                      "(score_heldout) or pool more tokens.", stacklevel=caller_stacklevel())
     prompt = prompts[0] if prompt is None else prompt
     if isinstance(texts, Capture) and prompt in texts.texts:  # its hidden states are in the capture
         i = texts.texts.index(prompt)
@@ -683,7 +667,7 @@ _SHUFFLE_BASELINE_PARAMS = {**_RUN_PARAMS, **_VIEW_PARAMS, **_ESTIMATOR_PARAMS,
                             "levels": [SequenceOf(Interval(int, 0, None))], "seed": [int]}
 
 
-@_exclude_bos_alias
+@renamed_params(EXCLUDE_BOS_RENAME)
 @validate_params(_SHUFFLE_BASELINE_PARAMS)
 def shuffle_baseline(m: LensModel, text: str, *, levels: Sequence[int] = (0, 1, 2, 3, 4, 5), seed: int = 0,
                      estimator: str = "gride", scale: int = 4, layers=None, exclude_first: bool | str = True,

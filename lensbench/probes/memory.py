@@ -49,7 +49,7 @@ from ..model import LensModel
 from ..plots.memory import memory_figure
 from ..results import Result
 from ..validation import Interval, Options, renamed_params, validate_params
-from .geometry import _exclude_bos_alias, _skip
+from .geometry import EXCLUDE_BOS_RENAME, _skip
 
 CLASSES = ("punctuation", "stopword", "content", "other")
 
@@ -290,8 +290,7 @@ _CONTEXTUAL_MEMORY_PARAMS = {
 }
 
 
-@renamed_params(_HEAD_RENAMES)
-@_exclude_bos_alias(stacklevel=3)
+@renamed_params({**_HEAD_RENAMES, **EXCLUDE_BOS_RENAME})
 @validate_params(_CONTEXTUAL_MEMORY_PARAMS)
 def contextual_memory(m: LensModel, texts, *, layers=None, window: int = 16, n_steps: int = 300, lr: float = 3e-3,
                       train_batch_size: int = 128, hidden: int = 128, folds: int = 2, seed: int = 0,
@@ -363,4 +362,3 @@ def contextual_memory(m: LensModel, texts, *, layers=None, window: int = 16, n_s
                                   class_n_texts=n_texts, class_ci_method=method)
 
 
-contextual_memory.renamed_params = {**_HEAD_RENAMES, "exclude_bos": "exclude_first"}  # both layers of old names
