@@ -82,7 +82,7 @@ class FillerAblationResult(Result):
         token_loss_orig: ``[N, T]`` NLL of every continuation token (T = longest continuation, NaN padding);
             token_loss_class ``[C, N, T]``, token_loss_control ``[C, S, N, T]`` likewise (the continuation is
             never edited, so its tokens are the same in every variant and the per-token Δ is well defined).
-            ``None`` in results saved before issue 13 (then :meth:`summary` falls back to per-text means).
+            ``None`` in results saved before per-token losses were kept (then :meth:`summary` falls back to per-text means).
     """
 
     classes: list
@@ -101,12 +101,12 @@ class FillerAblationResult(Result):
     edited: list
     removed_words: list
     control_edited: list
-    mode: str = "remove"
-    settings: dict = dataclasses.field(default_factory=dict)
-    model_name: str = ""
     token_loss_orig: torch.Tensor | None = None
     token_loss_class: torch.Tensor | None = None
     token_loss_control: torch.Tensor | None = None
+    mode: str = "remove"
+    settings: dict = dataclasses.field(default_factory=dict)
+    model_name: str = ""
 
     @property
     def delta(self) -> torch.Tensor:
@@ -122,7 +122,7 @@ class FillerAblationResult(Result):
         """Per continuation token of class ``c``: ``(Δ class, Δ control (seed mean), Δ class − Δ control,
         text index)``, flat float64 arrays over all texts' tokens (padding dropped)."""
         if self.token_loss_orig is None:
-            raise InputError("this result has no per-token losses (saved before issue 13); use weight='texts'.")
+            raise InputError("this result has no per-token losses (saved by an older lensbench); use weight='texts'.")
         o = self.token_loss_orig.double()
         d = self.token_loss_class[c].double() - o
         cd = self.token_loss_control[c].double().mean(0) - o
@@ -138,7 +138,7 @@ class FillerAblationResult(Result):
                 and its CI resamples *texts* (the tokens of one text share a context; they are not independent):
                 :func:`lensbench.stats.mean_ci` with ``clusters`` = text index — a cluster-robust Student-t
                 interval below 20 texts, a BCa cluster bootstrap from 20 on. ``"texts"``: every text weighs
-                the same (mean of per-text means; before issue 13 this, with a percentile bootstrap).
+                the same (mean of per-text means; older versions did this, with a percentile bootstrap).
 
         ``n_texts``, ``n_tokens`` (scored continuation tokens) and ``ci_method`` are in every row; accuracy CIs
         are over items (independent, one value each; ``n_items``).
@@ -295,7 +295,7 @@ def filler_ablation(m: LensModel, texts, *, classes=("punctuation", "stopwords",
             token of the class's units by ``replacement`` (one token), keeping all positions.
         stopwords: the ``"stopwords"`` class: ``"function"`` (default, :data:`FUNCTION_WORDS`: closed-class
             function words — determiners, pronouns, prepositions, conjunctions, auxiliaries, particles),
-            ``"sklearn"`` (scikit-learn's ``ENGLISH_STOP_WORDS``, the default before issue 13; it also removes
+            ``"sklearn"`` (scikit-learn's ``ENGLISH_STOP_WORDS``, the old default; it also removes
             numerals and content words such as "one", "system", "fire", "bill"), or your own list of words.
         n_control: seeds of the random control, which removes exactly as many tokens (remove mode: a random
             set of non-class units whose re-tokenised removal shortens the context by the same number of tokens;

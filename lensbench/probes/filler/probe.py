@@ -99,7 +99,7 @@ def filler_probe(m: LensModel, items, *, filler: str = " .", n_fillers: int = 16
       (causal attention: it is the same state as the last position of the question run without fillers);
     * ``"no_filler"``: the last position of ``question + template`` run *without* fillers — the state the
       no-filler arm predicts the answer from (equals ``"last_question"`` when ``template`` is None);
-    * ``"question_mean"``: the mean over the question positions after BOS, the behaviour before issue 13. Not
+    * ``"question_mean"``: the mean over the question positions after BOS, the old behaviour. Not
       like-for-like: early positions have seen only a prefix, and at layer 0 the mean holds the label word's own
       embedding, so it decodes labels the fillers could never see in the embeddings.
 

@@ -42,7 +42,7 @@ def stop_words(source: str = "function") -> frozenset[str]:
     """The stop-word list of the ``"stopwords"`` class.
 
     ``"function"`` (default): :data:`FUNCTION_WORDS`, a closed-class function-word list. ``"sklearn"``:
-    scikit-learn's ``ENGLISH_STOP_WORDS`` (318 words, ships offline; the default before issue 13 — it also holds
+    scikit-learn's ``ENGLISH_STOP_WORDS`` (318 words, ships offline; the old default — it also holds
     numerals and content words such as "one", "fifty", "system", "fire", "bill", "interest", "amount").
     """
     if source == "function":
