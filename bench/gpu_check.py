@@ -419,7 +419,7 @@ def sec_tuned_lens(ctx: Ctx, sec: Section):
     m = ctx.models["m"]
     tx = texts(ctx, 4, 400 if ctx.dry else 6000)
     steps = 6 if ctx.dry else 30
-    tl, t = ctx.timed(lb.train_tuned_lens, m, tx, steps=steps, max_tokens=256 if ctx.dry else 4096,
+    tl, t = ctx.timed(lb.train_tuned_lens, m, tx, n_steps=steps, max_tokens=256 if ctx.dry else 4096,
                       progress=False)
     res = lb.logit_lens(m, tx[0][:300], lens=tl, progress=False)
     sec.check("tuned-lens readout finite (non-finite count)", (~torch.isfinite(res.top_probs)).sum(), 0)
@@ -456,7 +456,7 @@ def sec_contextual_memory(ctx: Ctx, sec: Section):
     _need(ctx, "m")
     m = ctx.models["m"]
     tx = texts(ctx, 2 if ctx.dry else 4, 300 if ctx.dry else 3000)
-    res, t = ctx.timed(lb.contextual_memory, m, tx, steps=20 if ctx.dry else 100, n_boot=50,
+    res, t = ctx.timed(lb.contextual_memory, m, tx, n_steps=20 if ctx.dry else 100, n_boot=50,
                        folds=2, progress=False)
     v = np.asarray(res.to_dataframe().select_dtypes("number").to_numpy(), dtype=float)
     sec.check("non-finite values in the table", (~np.isfinite(v)).sum(), 0)

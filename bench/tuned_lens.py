@@ -116,10 +116,10 @@ def main(argv=None) -> None:
     texts = lb.sample_texts()
     train, held = texts[:16], texts[20:24]
     common = dict(heldout=held, heldout_tokens=256, max_tokens=a.max_tokens, progress=False, seed=0)
-    jump = lb.train_tuned_lens(m, train, init="lstsq", steps=0, **common)
+    jump = lb.train_tuned_lens(m, train, init="lstsq", n_steps=0, **common)
     t0 = time.perf_counter()
     mach = machine_info()
-    tl = lb.train_tuned_lens(m, train, optimizer=a.optimizer, lr=a.lr, steps=a.n_steps,
+    tl = lb.train_tuned_lens(m, train, optimizer=a.optimizer, lr=a.lr, n_steps=a.n_steps,
                              tokens_per_step=a.tokens_per_step, **common)
     secs = time.perf_counter() - t0
     load = os.getloadavg()

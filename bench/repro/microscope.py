@@ -73,7 +73,7 @@ def run(quick: bool = False, seed: int = 0) -> dict:
     text = cut(texts[0])[:1500]
     lin1 = lb.linearity(m, [text], prompt=text, progress=False, seed=seed)
     nonlin = np.nanmean(np.asarray(lin1.per_token, dtype=float), 0)  # [T]
-    cm = lb.contextual_memory(m, [text, cut(texts[1])[:1500]], steps=40 if quick else 300, seed=seed, progress=False,
+    cm = lb.contextual_memory(m, [text, cut(texts[1])[:1500]], n_steps=40 if quick else 300, seed=seed, progress=False,
                               n_boot=200 if quick else 1000)
     pos = np.asarray(cm.position, dtype=int)
     sc = np.asarray(cm.score_per_token, dtype=float)

@@ -33,7 +33,7 @@ def run(quick: bool = False, seed: int = 0) -> dict:
     train = [t[:chars] if chars else t for t in texts[:n_train]]
     test = [t[:chars] if chars else t for t in texts[n_train:n_train + n_test]]
     steps = 10 if quick else 120
-    tl = lb.train_tuned_lens(m, train, steps=steps, max_tokens=256 if quick else 4096, heldout=0.1, eval_every=steps,
+    tl = lb.train_tuned_lens(m, train, n_steps=steps, max_tokens=256 if quick else 4096, heldout=0.1, eval_every=steps,
                              seed=seed, progress=False)
     rl = lb.logit_lens(m, test, top_k=1, progress=False)
     rt = lb.logit_lens(m, test, top_k=1, lens=tl, progress=False)
