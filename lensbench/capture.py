@@ -157,7 +157,7 @@ def windows(m: LensModel, texts, max_tokens: int, *, max_windows_per_text: int |
 def pad_batch(m: LensModel, ids: list[torch.Tensor], padding_side: str = "right"):
     """Stack 1-D id tensors into ``(input_ids [B,T], attention_mask [B,T])`` with the model's pad token."""
     T = max(len(x) for x in ids)
-    pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
+    pad = m.pad_token_id if m.pad_token_id is not None else 0
     out = torch.full((len(ids), T), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
     for b, x in enumerate(ids):

@@ -392,9 +392,7 @@ class LensModel:
         if tokenizer is None:
             raise InputError("tokenizer is None; pass the model's tokenizer: lb.load(model, tokenizer).")
         self.model = model.eval()
-        self.tokenizer = tokenizer
-        if getattr(tokenizer, "pad_token_id", None) is None:
-            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        self.tokenizer = tokenizer  # never modified: a missing pad token is substituted by pad_token_id
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.backend = backend
         self.wrapped = wrapped
@@ -425,6 +423,16 @@ class LensModel:
         self.fingerprint = model_fingerprint(model)
 
     # ---- basic facts
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id that pads batches: the tokenizer's pad token, else its EOS, else its UNK token (None if it has
+        none of them). The caller's tokenizer is left as it is."""
+        for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+            v = getattr(self.tokenizer, name, None)
+            if v is not None:
+                return int(v)
+        return None
+
     @property
     def n_layers(self) -> int:
         """Number of blocks L; hidden states are indexed 0..L."""

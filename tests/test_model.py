@@ -404,3 +404,22 @@ def test_capabilities_are_not_decided_on_non_finite_outputs():
         h.remove()
     assert m.capabilities["prefix_cache"] and m._caps is m.capabilities   # measured once more, then cached
     assert m._caps["embeds_forward"] and m._caps["left_padding"]
+
+
+def test_load_leaves_the_callers_tokenizer_and_model_alone():
+    """A tokenizer without a pad token is not given one (lensbench pads with EOS itself), and the model's
+    parameters keep their dtype, device and values."""
+    from lensbench.testing import tiny_model
+    model, tok = tiny_model("llama")
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = lb.load(model, tok)
+    assert tok.pad_token_id is None and m.tokenizer is tok
+    assert m.pad_token_id == tok.eos_token_id
+    ids, mask = lb.capture.pad_batch(m, [m.encode("a b c"), m.encode("a")])
+    assert ids[1, -1] == tok.eos_token_id and mask[1].tolist() == [1] * int(mask[1].sum()) + [0] * int((1 - mask[1]).sum())
+    lb.logit_lens(m, ["a b c d", "a b"], progress=False)  # a padded batch runs
+    assert tok.pad_token_id is None
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)

@@ -91,7 +91,7 @@ def _eos_ids(m) -> tuple[Any, set]:
 
 def _strip(m, rows: list[list[int]], eos_ids: set) -> list[list[int]]:
     """Cut each generated row at its first end-of-sequence token and drop trailing padding."""
-    pad = m.tokenizer.pad_token_id
+    pad = m.pad_token_id
     res = []
     for row in rows:
         ids = []
@@ -138,7 +138,7 @@ def _generate(req: RolloutRequest, drop_last: bool) -> list[list[int]]:
         kw[m.capabilities["cache_kwarg"]] = state.expanded(len(rows), drop_last=drop_last)
     tok = m.tokenizer
     eos, eos_ids = _eos_ids(m)
-    gc = GenerationConfig(do_sample=False, max_new_tokens=int(st["max_new_tokens"]), pad_token_id=tok.pad_token_id,
+    gc = GenerationConfig(do_sample=False, max_new_tokens=int(st["max_new_tokens"]), pad_token_id=m.pad_token_id,
                           eos_token_id=eos, stop_strings=list(st.get("stop") or []) or None)
     proc = _SeededSampling(req.seeds, rows.shape[1], float(st["temperature"]), float(st["top_p"]))
     with warnings.catch_warnings(), model_errors(m, f"generating {len(rows)} rows of {st['max_new_tokens']} tokens"):
@@ -157,13 +157,12 @@ def greedy(m, ids: torch.Tensor, max_new_tokens: int, *, strip: bool = True) -> 
     """Greedy continuation of one prompt ``ids`` ``[T]`` (token ids), without the prompt. Generation ends at the
     model's end-of-sequence token, which ``strip=False`` keeps in the output."""
     from ..model import model_errors
-    tok = m.tokenizer
     eos, eos_ids = _eos_ids(m)
     x = ids[None].to(m.input_device)
     with warnings.catch_warnings(), model_errors(m, f"generating {max_new_tokens} tokens greedily"):
         warnings.simplefilter("ignore")
         out = m.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=int(max_new_tokens),
-                               do_sample=False, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+                               do_sample=False, pad_token_id=m.pad_token_id if m.pad_token_id is not None else eos,
                                eos_token_id=eos)
     gen = out[0, x.shape[1]:].tolist()
     return _strip(m, [gen], eos_ids)[0] if strip else gen
