@@ -37,7 +37,7 @@ def _greedy(m, prompt, n):
     ids = m.encode(prompt, add_bos=False)[None]
     with torch.no_grad():
         out = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=n, min_new_tokens=n, pad_token_id=m.tokenizer.pad_token_id)
+                               max_new_tokens=n, min_new_tokens=n, pad_token_id=m.pad_token_id)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -47,7 +47,7 @@ def bench_throughput(m, prompt_ids, n_rows, new_tokens, loop_budget_s):
     with torch.no_grad():  # warm-up of both paths (allocator, kernels), untimed
         hf_sampler(RolloutRequest(m, prompt_ids, [[]] * 2, [0, 1], dict(settings, max_new_tokens=2), PrefixCache(m)))
         m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=2,
-                         pad_token_id=m.tokenizer.pad_token_id)
+                         pad_token_id=m.pad_token_id)
     state = PrefixCache(m)
     t0 = time.perf_counter()
     ours = hf_sampler(RolloutRequest(m, prompt_ids, [[]] * n_rows, list(range(n_rows)), settings, state))
@@ -59,7 +59,7 @@ def bench_throughput(m, prompt_ids, n_rows, new_tokens, loop_budget_s):
         while done < n_rows and (done < 2 or time.perf_counter() - t0 < loop_budget_s):
             out = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                    temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
-                                   pad_token_id=m.tokenizer.pad_token_id)
+                                   pad_token_id=m.pad_token_id)
             loop_tokens += out.shape[1] - ids.shape[1]
             done += 1
     t_loop = time.perf_counter() - t0

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import inspect
 import re
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +93,6 @@ def _entry(qual: str, obj) -> list[str]:
 
 
 def generate() -> str:
-    sys.path.insert(0, str(ROOT))
     import lensbench.widgets as lw
 
     import lensbench as lb

@@ -49,7 +49,7 @@ def _greedy(m, prompt: str, n_new: int) -> str:
     ids = m.encode(prompt, add_bos=False)[None]
     with torch.no_grad():
         out = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=n_new, pad_token_id=m.tokenizer.pad_token_id)
+                               max_new_tokens=n_new, pad_token_id=m.pad_token_id)
     return m.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

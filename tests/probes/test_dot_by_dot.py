@@ -2,15 +2,12 @@
 
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from bench.repro import dot_by_dot as D  # noqa: E402
+from bench.repro import dot_by_dot as D
 
 
 def _reference(seq, mod=10):
