@@ -1,4 +1,4 @@
-"""Views of attribution results: coloured source text (HTML) and plotly heatmap/bars."""
+"""Views of attribution results: coloured source text (HTML), plotly heatmap/bars, and faithfulness scores."""
 
 from __future__ import annotations
 
@@ -46,3 +46,32 @@ def attribution_figure(res, target: int | None = None):
     fig.update_layout(title=f"{res.method} → {res.target_tokens[t]!r}" + (f" vs {res.contrast!r}" if res.contrast else ""),
                       xaxis_title="source token", yaxis_title="score", height=380)
     return fig
+
+
+def faithfulness_figure(res):
+    """Two panels: mean soft sufficiency / comprehensiveness of the method beside its random control (bars), and
+    F after deleting the top-k tokens, one line per target."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("soft scores (mean over targets)", "deletion curves"))
+    names = ["sufficiency", "comprehensiveness"]
+    fig.add_trace(go.Bar(name=res.method or "method", x=names, y=[res[n + "_mean"] for n in names]), 1, 1)
+    fig.add_trace(go.Bar(name="random control", x=names, y=[res[n + "_random_mean"] for n in names]), 1, 1)
+    tokens = res.target_tokens or [""] * len(res.deletion_lengths)
+    for k, curve in enumerate(res["deletion_curves"]):
+        fig.add_trace(go.Scatter(x=list(range(len(curve))), y=curve, mode="lines+markers",
+                                 name=f"{k}:{_clean(tokens[k])}"), 1, 2)
+    fig.update_xaxes(title_text="top-k tokens deleted", row=1, col=2)
+    fig.update_yaxes(title_text="log p(target)", row=1, col=2)
+    fig.update_layout(title=f"faithfulness of {res.method}", barmode="group", height=380)
+    return fig
+
+
+def faithfulness_html(res) -> str:
+    """A compact table: the method's mean soft scores, the random control's and their ratio."""
+    rows = "".join(
+        f"<tr><td>{n}</td><td>{res[n + '_mean']:.3f}</td><td>{res[n + '_random_mean']:.3f}</td>"
+        f"<td>{res[n + '_ratio']:.2f}</td></tr>" for n in ("sufficiency", "comprehensiveness"))
+    return (f"<div><b>FaithfulnessResult</b> of <code>{html.escape(res.method)}</code> "
+            f"({len(res.deletion_lengths)} targets)</div><table class='lb-faith'><tr><th>score</th><th>method</th>"
+            f"<th>random</th><th>ratio</th></tr>{rows}</table>")
