@@ -1,7 +1,7 @@
 """Reproduction: ReAGent (Zhao & Shan 2024) and soft sufficiency/comprehensiveness (Zhao & Aletras 2023).
 
-Setting: the default model, the shipped factual cloze items (``lb.tasks.factual``, target = the gold answer
-token), every attribution method of :func:`lensbench.attribute`, scored by :func:`lensbench.faithfulness` with the
+Setting: the default model, the shipped factual cloze items whose gold answer is one token of the model's
+tokenizer (``lb.tasks.factual``; a multi-token answer has no single target logit), every attribution method of :func:`lensbench.attribute`, scored by :func:`lensbench.faithfulness` with the
 keep-rate-matched random control (``random="permute"``: the method's own scores shuffled over positions).
 
 Per method, per item: ``Δ = soft comprehensiveness − its random control`` (and the same for sufficiency).
@@ -26,7 +26,9 @@ METHODS = ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "att
 
 def run(quick: bool = False, seed: int = 0) -> dict:
     m = common.default_model()
-    items = lb.tasks.factual(4 if quick else 24)
+    n_items = 4 if quick else 16
+    items = [it for it in lb.tasks.factual()
+             if len(m.tokenizer(it["answer"], add_special_tokens=False)["input_ids"]) == 1][:n_items]
     methods = ("saliency", "occlusion", "reagent") if quick else METHODS
     kw = {"integrated_gradients": {"n_steps": 8 if quick else 32}, "reagent": {"max_steps": 40 if quick else 600}}
     per: dict[str, dict[str, list]] = {}
