@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Mapping
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -12,7 +15,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 import lensbench as lb
+from lensbench.plots._common import _clean
+from lensbench.probes import attribution as A
 from lensbench.testing import OOMOnce, tiny_tokenizer
+from lensbench.validation import Interval
 
 PROMPT = "The capital of France is"
 
@@ -57,7 +63,8 @@ def toy():
 
 @pytest.mark.parametrize("method", ["saliency", "grad_x_input", "integrated_gradients", "occlusion"])
 def test_toy_model_only_token_j_matters(toy, method):
-    res = lb.attribute(toy, "hello world the fox jumps", method=method, baseline="mean", progress=False)
+    kw = {"baseline": "mean"} if method in ("integrated_gradients", "occlusion") else {}  # the others take none
+    res = lb.attribute(toy, "hello world the fox jumps", method=method, progress=False, **kw)
     s = res.scores[0].abs()
     assert s[2] > 0 and torch.all(s[torch.arange(len(s)) != 2] < 1e-6 * s[2] + 1e-9), s
 
@@ -80,7 +87,7 @@ def test_toy_model_reagent_ranks_j_first(confident_toy, replacement):
     assert float(res0.f_value[0]) > -0.1  # log p(y) > -0.1: the toy is confident
     for seed in (0, 1, 2):  # not a lucky initialisation: every seed, both replacement rules
         res = lb.attribute(confident_toy, "hello world the fox jumps", method="reagent", max_steps=60, n_probes=8,
-                           keep_top_n=1, top_k=1, replacement=replacement, seed=seed, progress=False)
+                           keep_top_n=1, stopping_top_k=1, replacement=replacement, seed=seed, progress=False)
         s = res.scores[0]
         others = s[torch.arange(len(s)) != 2]
         assert int(s.argmax()) == 2 and float(s[2]) > 2 * float(others.max()), (seed, s)
@@ -207,7 +214,7 @@ def test_bfloat16_gradients_in_float32_leave_the_model_untouched(tiny, method):
 
 
 @pytest.mark.parametrize("method, kw, k", [
-    ("integrated_gradients", dict(n_steps=8, internal_batch_size=4), 2),   # calls: node batches, then F(x), F(x')
+    ("integrated_gradients", dict(n_steps=8, batch_size=4), 2),            # calls: node batches, then F(x), F(x')
     ("occlusion", dict(batch_size=4), 3),                                   # F(x), then batches of variants
     ("occlusion", dict(batch_size=4, baseline="remove"), 3),
     ("reagent", dict(batch_size=4, n_probes=4, max_steps=3), 3),            # p(y|x), then probe batches
@@ -329,3 +336,208 @@ def test_value_norm_matches_a_hand_written_decomposition(tiny):
     assert torch.allclose(res.scores[0], manual, rtol=1e-4, atol=1e-6)
     with pytest.raises(lb.InputError, match="fuses"):
         lb.attribute(tiny("gpt2"), PROMPT, method="value_norm", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+BUILTIN = ("saliency", "grad_x_input", "integrated_gradients", "occlusion", "attention", "rollout", "value_norm",
+           "reagent")
+
+
+def test_methods_are_registered_objects(tiny):
+    assert tuple(A.METHODS) == BUILTIN and A.METHODS == BUILTIN and "reagent" in A.METHODS
+    assert tuple(A.GRADIENT_METHODS) == ("saliency", "grad_x_input", "integrated_gradients")
+    assert tuple(A.LINEAR_METHODS) == ("grad_x_input", "integrated_gradients", "occlusion")
+    assert [A.method_class(n).name for n in BUILTIN] == list(BUILTIN)
+    ig = A.get_method("integrated_gradients", n_steps=8)
+    assert isinstance(ig, A.IntegratedGradients) and ig.options() == {"n_steps": 8, "baseline": None,
+                                                                      "batch_size": "auto"}
+    assert A.ReAGent().stopping_top_k == 3 and A.Occlusion().baseline == "zero"
+    m = tiny("llama")
+    by_name = lb.attribute(m, PROMPT, method="integrated_gradients", n_steps=8, progress=False)
+    by_object = lb.attribute(m, PROMPT, method=ig, progress=False)
+    replaced = lb.attribute(m, PROMPT, method=A.IntegratedGradients(n_steps=3), n_steps=8, progress=False)
+    assert by_name == by_object == replaced and by_name.settings["n_steps"] == 8
+    occ = lb.attribute(m, PROMPT, method=A.Occlusion(baseline="remove"), progress=False)
+    assert occ.method == "occlusion" and occ.baseline == "remove"
+    assert occ == lb.attribute(m, PROMPT, method="occlusion", baseline="remove", progress=False)
+
+
+def test_a_registered_method_runs_through_attribute(tiny):
+    @dataclasses.dataclass
+    class Position(A.AttributionMethod):
+        """Source i scores weight × i (no model pass)."""
+
+        name: ClassVar[str] = "position_test"
+        needs: ClassVar[str] = "ids"
+        parameter_constraints: ClassVar[dict] = {"weight": [Interval(float, 0, None)]}
+        weight: float = 1.0
+
+        def run(self, m, ids, targets, call):
+            scores = torch.full((len(targets), len(ids) - 1), float("nan"))
+            for k, (p, _) in enumerate(targets):
+                scores[k, :p] = self.weight * torch.arange(p, dtype=torch.float32)
+            return A.Scores(scores, torch.zeros(len(targets)))
+
+    m = tiny("llama")
+    A.register(Position)
+    try:
+        assert "position_test" in A.METHODS and A.METHODS[-1] == "position_test"
+        r = lb.attribute(m, PROMPT, method="position_test", weight=2.0, generate=2, progress=False)
+        assert r.method == "position_test" and r.settings["weight"] == 2.0
+        P = r.target_positions[1]
+        assert torch.equal(r.scores[1, :P], 2 * torch.arange(P, dtype=torch.float32))
+        with pytest.raises(lb.InputError, match=r"weight=-1 is not allowed; weight must be a number >= 0"):
+            lb.attribute(m, PROMPT, method="position_test", weight=-1, progress=False)
+        with pytest.raises(lb.InputError, match="takes no option n_steps="):
+            lb.attribute(m, PROMPT, method="position_test", n_steps=3, progress=False)
+        other = dataclasses.make_dataclass("Other", [], bases=(Position,))
+        with pytest.raises(lb.InputError, match="'position_test' exists"):
+            A.register(other)
+        assert A.register(other, replace=True) is other and A.method_class("position_test") is other
+    finally:
+        A.unregister("position_test")
+    assert tuple(A.METHODS) == BUILTIN
+    with pytest.raises(lb.InputError, match=r"method='position_test' is unknown"):
+        lb.attribute(m, PROMPT, method="position_test", progress=False)
+
+
+@pytest.mark.parametrize("method, kw, option", [
+    ("saliency", dict(n_steps=8), "n_steps"), ("saliency", dict(baseline="zero"), "baseline"),
+    ("occlusion", dict(n_probes=4), "n_probes"), ("integrated_gradients", dict(ratio=0.5), "ratio"),
+    ("integrated_gradients", dict(n_stpes=8), "n_stpes"), ("rollout", dict(batch_size=4), "batch_size"),
+])
+def test_an_option_the_method_does_not_take_is_refused_by_name(tiny, method, kw, option):
+    with pytest.raises(lb.InputError, match=rf"attribute: method='{method}' takes no option {option}="):
+        lb.attribute(tiny("llama"), PROMPT, method=method, progress=False, **kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_steps=0), r"attribute\(method='integrated_gradients'\): n_steps=0 is not allowed; n_steps must be "
+                      r"an int >= 1\."),
+    (dict(n_steps=2.5), r"n_steps=2\.5 is not allowed"),
+    (dict(batch_size="big"), r"batch_size='big' is not allowed; batch_size must be an int >= 1 or one of 'auto'"),
+    (dict(method="occlusion", batch_size=0), r"batch_size=0 is not allowed"),
+    (dict(method="occlusion", baseline="weird"), r"baseline='weird' is not allowed; baseline must be None or one of"),
+    (dict(method="reagent", ratio=1.5), r"ratio=1\.5 is not allowed; ratio must be a number in \(0, 1\)"),
+    (dict(method="reagent", stopping_top_k=0), r"stopping_top_k=0 is not allowed"),
+    (dict(method="reagent", on_unconverged="maybe"), r"on_unconverged='maybe' is not allowed; on_unconverged must "
+                                                     r"be one of 'flag', 'raise'"),
+    (dict(method="reagent", mlm="bert"), r"mlm='bert' is not allowed; mlm must be None or a callable"),
+    (dict(objective="loss"), r"attribute: objective='loss' is not allowed; objective must be one of 'logit', "
+                             r"'logprob', 'prob'"),
+    (dict(generate=-1), r"attribute: generate=-1 is not allowed; generate must be an int >= 0"),
+    (dict(seed=None), r"attribute: seed=None is not allowed"),
+    (dict(progress="yes"), r"progress='yes' is not allowed; progress must be True or False"),
+])
+def test_bad_values_name_parameter_value_and_allowed(tiny, kw, message):
+    with pytest.raises(lb.InputError, match=message):
+        lb.attribute(tiny("llama"), PROMPT, **{"progress": False, **kw})
+
+
+def test_method_objects_check_their_own_options():
+    with pytest.raises(lb.InputError, match=r"IntegratedGradients: n_steps=0 is not allowed"):
+        A.IntegratedGradients(n_steps=0)
+    with pytest.raises(lb.InputError, match=r"ReAGent: ratio=0 is not allowed"):
+        A.ReAGent(ratio=0)
+    with pytest.raises(lb.InputError, match=r"replacement='mlm' needs mlm="):
+        A.ReAGent(replacement="mlm")
+    assert A.Occlusion(baseline=np.int64(3)).baseline == 3 and type(A.Occlusion(baseline=np.int64(3)).baseline) is int
+
+
+@pytest.mark.parametrize("method, old, new, value, kw", [
+    ("integrated_gradients", "internal_batch_size", "batch_size", 3, dict(n_steps=8)),
+    ("reagent", "top_k", "stopping_top_k", 1, dict(n_probes=4, max_steps=3, keep_top_n=2)),
+])
+def test_old_option_names_warn_and_give_identical_numbers(tiny, method, old, new, value, kw):
+    m = tiny("llama")
+    with pytest.warns(FutureWarning, match=rf"attribute: {old}= is renamed {new}=") as caught:
+        a = lb.attribute(m, PROMPT, method=method, progress=False, **kw, **{old: value})
+    assert any(w.filename == __file__ for w in caught if issubclass(w.category, FutureWarning))  # the caller's line
+    b = lb.attribute(m, PROMPT, method=method, progress=False, **kw, **{new: value})
+    assert a == b and a.settings[new] == value and old not in a.settings
+    with pytest.raises(lb.InputError, match=rf"pass {new}= only"):
+        lb.attribute(m, PROMPT, method=method, progress=False, **kw, **{old: value, new: value})
+    with pytest.raises(lb.InputError, match=rf"\b{old}=0 is not allowed"):  # named as the caller wrote it
+        lb.attribute(m, PROMPT, method=method, progress=False, **kw, **{old: 0})
+
+
+def test_ig_batch_size_changes_no_number(tiny):
+    """Interpolation steps per pass: every batching sums the same nodes in node order."""
+    m = tiny("llama")
+    ref = lb.attribute(m, PROMPT, n_steps=8, batch_size=1, generate=2, progress=False)
+    for bs in (3, 8, 50, "auto"):
+        r = lb.attribute(m, PROMPT, n_steps=8, batch_size=bs, generate=2, progress=False)
+        assert torch.allclose(r.scores, ref.scores, rtol=0, atol=1e-6, equal_nan=True), bs
+        assert torch.allclose(r.completeness, ref.completeness, rtol=0, atol=1e-6), bs
+
+
+def test_warnings_point_at_the_caller(tiny):
+    m = tiny("llama")
+    with pytest.warns(A.CompletenessWarning) as caught:
+        lb.attribute(m, PROMPT, baseline="zero", n_steps=1, progress=False)
+    assert caught[0].filename == __file__
+    with pytest.warns(A.ConvergenceWarning) as caught:
+        lb.attribute(m, PROMPT, method="reagent", max_steps=1, n_probes=2, stopping_top_k=1, keep_top_n=1,
+                     progress=False)
+    assert caught[0].filename == __file__
+
+
+# ------------------------------------------------------------------------------------------------ views
+def test_attribution_figures_show_the_result(tiny):
+    m = tiny("llama")
+    res = lb.attribute(m, PROMPT, method="saliency", generate=3, progress=False)
+    labels = [f"{i}:{_clean(t)}" for i, t in enumerate(res.source_tokens)]
+    heat = res.figure()
+    assert heat.data[0].type == "heatmap" and list(heat.data[0].x) == labels
+    np.testing.assert_array_equal(np.asarray(heat.data[0].z, dtype=float), res.normalized().numpy())
+    assert list(heat.data[0].y) == [f"{p}:{_clean(t)}" for p, t in zip(res.target_positions, res.target_tokens)]
+    bars = res.figure(target=1)
+    assert bars.data[0].type == "bar" and list(bars.data[0].x) == labels
+    np.testing.assert_array_equal(np.asarray(bars.data[0].y, dtype=float), res.scores[1].numpy())
+    assert repr(res.target_tokens[1]) in bars.layout.title.text
+    html = res._repr_html_()  # the last target: one span per source, a score title on those before it
+    assert html.count("class='lb-src'") == len(res.source_tokens)
+    assert f"title='{float(res.scores[-1, 0]):.4g}'" in html
+
+
+def test_faithfulness_result_is_a_result_and_the_old_mapping(tiny, tmp_path):
+    m = tiny("llama")
+    res = lb.attribute(m, PROMPT, method="saliency", generate=2, progress=False)
+    f = lb.faithfulness(m, res, n_samples=4)
+    assert isinstance(f, A.FaithfulnessResult) and isinstance(f, Mapping)
+    scores = ["sufficiency", "comprehensiveness", "sufficiency_random", "comprehensiveness_random", "kept",
+              "kept_random"]
+    assert list(f) == [*scores, *(s + "_mean" for s in scores), "sufficiency_ratio", "comprehensiveness_ratio",
+                       "deletion_curves"]
+    for s in scores:
+        assert f[s].shape == (2,) and f[s + "_mean"] == float(f[s].mean())
+    assert f["sufficiency_ratio"] == f["sufficiency_mean"] / max(f["sufficiency_random_mean"], 1e-9)
+    curves = f["deletion_curves"]  # k = 0..P tokens deleted, P the target's number of sources
+    assert [len(c) for c in curves] == [p + 1 for p in res.target_positions]
+    assert all(np.isfinite(c).all() for c in curves) and np.isnan(f.deletion[0, -1])
+    assert dict(f.items())["kept"] is f.kept and "deletion_curves" in f and f.get("nope") is None
+    again = lb.Result.load(f.save(tmp_path / "f"))
+    assert again == f and all(np.array_equal(a, b) for a, b in zip(again["deletion_curves"], curves))
+    df = f.to_dataframe()
+    assert list(df.columns) == ["target", "target_token", *scores] and list(df["target_token"]) == res.target_tokens
+    assert df["sufficiency"].tolist() == f["sufficiency"].tolist()
+    fig = f.figure()
+    assert list(fig.data[0].y) == [f["sufficiency_mean"], f["comprehensiveness_mean"]]
+    assert list(fig.data[1].y) == [f["sufficiency_random_mean"], f["comprehensiveness_random_mean"]]
+    for k, c in enumerate(curves):
+        assert list(fig.data[2 + k].y) == c.tolist() and list(fig.data[2 + k].x) == list(range(len(c)))
+    html = f._repr_html_()
+    assert "FaithfulnessResult" in html and f"{f['comprehensiveness_mean']:.3f}" in html
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_samples=0), r"faithfulness: n_samples=0 is not allowed; n_samples must be an int >= 1"),
+    (dict(random="magic"), r"random='magic' is not allowed; random must be one of 'permute', 'uniform'"),
+    (dict(batch_size=0), r"batch_size=0 is not allowed"), (dict(max_k=0), r"max_k=0 is not allowed"),
+    (dict(result="not a result"), r"result='not a result' is not allowed; result must be an AttributionResult"),
+])
+def test_faithfulness_refuses_bad_values_by_name(tiny, kw, message):
+    m = tiny("llama")
+    res = lb.attribute(m, PROMPT, method="saliency", progress=False)
+    with pytest.raises(lb.InputError, match=message):
+        lb.faithfulness(m, **{"result": res, **kw})

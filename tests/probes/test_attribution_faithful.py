@@ -11,6 +11,7 @@ import torch
 
 import lensbench as lb
 from lensbench.probes import attribution as A
+from lensbench.probes.attribution import faithful
 from lensbench.testing import ARCHITECTURES
 
 PROMPT = "The capital of France is"
@@ -117,11 +118,11 @@ def test_occlusion_remove_equals_brute_force_deletion(tiny):
 def test_reagent_flags_unconverged_and_refuses_contrast(tiny):
     m = tiny("llama")
     with pytest.warns(A.ConvergenceWarning, match="none of the 2 probes"):
-        r = lb.attribute(m, PROMPT, method="reagent", max_steps=1, n_probes=2, top_k=1, keep_top_n=1,
+        r = lb.attribute(m, PROMPT, method="reagent", max_steps=1, n_probes=2, stopping_top_k=1, keep_top_n=1,
                          progress=False)
     assert r.settings["converged"] == [0]
     with pytest.raises(lb.LensbenchError, match="stopping rule"):
-        lb.attribute(m, PROMPT, method="reagent", max_steps=1, n_probes=2, top_k=1, keep_top_n=1,
+        lb.attribute(m, PROMPT, method="reagent", max_steps=1, n_probes=2, stopping_top_k=1, keep_top_n=1,
                      on_unconverged="raise", progress=False)
     with pytest.raises(lb.InputError, match="contrast"):
         lb.attribute(m, PROMPT, method="reagent", target="e", contrast="a", progress=False)
@@ -134,12 +135,12 @@ def test_faithfulness_random_control_keeps_as_many_tokens(tiny, monkeypatch):
     m = tiny("llama")
     res = lb.attribute(m, PROMPT, method="grad_x_input", progress=False)
     seen = []
-    real = A._masked_distance
+    real = faithful._masked_distance
 
     def spy(m_, ek, p_full, prob_keep, n_samples, g, **kw):
         seen.append(float(prob_keep.sum(-1).float().mean()))  # expected kept tokens per mask
         return real(m_, ek, p_full, prob_keep, n_samples, g, **kw)
-    monkeypatch.setattr(A, "_masked_distance", spy)
+    monkeypatch.setattr(faithful, "_masked_distance", spy)
     f = lb.faithfulness(m, res, n_samples=4)
     suff, comp, suff_rnd, comp_rnd = seen[:4]
     assert suff_rnd == pytest.approx(suff, abs=1e-5) and comp_rnd == pytest.approx(comp, abs=1e-5)
