@@ -56,6 +56,11 @@ class ToyLM(nn.Module):
         return SimpleNamespace(logits=self.lm_head(h1), hidden_states=(h0, h1) if output_hidden_states else None)
 
 
+def _options(method: str, **kw) -> dict:
+    """The options of ``kw`` that ``method`` takes (an option it does not take is refused by name)."""
+    return {k: v for k, v in kw.items() if k in A.method_class(method).option_names()}
+
+
 @pytest.fixture(scope="module")
 def toy():
     return lb.load(ToyLM(j=2), tiny_tokenizer())
@@ -63,8 +68,8 @@ def toy():
 
 @pytest.mark.parametrize("method", ["saliency", "grad_x_input", "integrated_gradients", "occlusion"])
 def test_toy_model_only_token_j_matters(toy, method):
-    kw = {"baseline": "mean"} if method in ("integrated_gradients", "occlusion") else {}  # the others take none
-    res = lb.attribute(toy, "hello world the fox jumps", method=method, progress=False, **kw)
+    res = lb.attribute(toy, "hello world the fox jumps", method=method, progress=False,
+                       **_options(method, baseline="mean"))
     s = res.scores[0].abs()
     assert s[2] > 0 and torch.all(s[torch.arange(len(s)) != 2] < 1e-6 * s[2] + 1e-9), s
 
@@ -118,7 +123,8 @@ def test_generation_rows_equal_brute_force(tiny, method):
     """Each row of a generate=N result equals the method computed directly on that target's prefix (catches
     wrong position bookkeeping, e.g. when only the predicting positions are unembedded)."""
     m = tiny("llama")
-    res = lb.attribute(m, PROMPT, method=method, generate=3, baseline="zero", n_steps=4, progress=False)
+    res = lb.attribute(m, PROMPT, method=method, generate=3, progress=False,
+                       **_options(method, baseline="zero", n_steps=4))
     full = res.input_ids
     W = m.embed_module.weight
     for k, P in enumerate(res.target_positions):
@@ -150,10 +156,10 @@ def test_generation_rows_equal_brute_force(tiny, method):
 @pytest.mark.parametrize("method", ["grad_x_input", "integrated_gradients", "occlusion"])
 def test_contrastive_flips_sign(tiny, method):
     m = tiny("llama")
-    a = lb.attribute(m, PROMPT, target="e", contrast="a", method=method, objective="logit", n_steps=16,
-                     progress=False)
-    b = lb.attribute(m, PROMPT, target="a", contrast="e", method=method, objective="logit", n_steps=16,
-                     progress=False)
+    a = lb.attribute(m, PROMPT, target="e", contrast="a", method=method, objective="logit",
+                     progress=False, **_options(method, n_steps=16))
+    b = lb.attribute(m, PROMPT, target="a", contrast="e", method=method, objective="logit",
+                     progress=False, **_options(method, n_steps=16))
     assert torch.allclose(a.scores, -b.scores, atol=1e-5)
     assert a.contrast == "a"
 
@@ -202,14 +208,15 @@ def test_bfloat16_gradients_in_float32_leave_the_model_untouched(tiny, method):
     reordering noise, atol 1e-5 on scores of order 1), and its parameters are the same tensors afterwards."""
     mb = tiny("llama", torch.bfloat16)
     before = {n: (p.dtype, p.data_ptr()) for n, p in mb.model.named_parameters()}
-    r16 = lb.attribute(mb, PROMPT, target="e", method=method, n_steps=16, progress=False)
+    r16 = lb.attribute(mb, PROMPT, target="e", method=method, progress=False, **_options(method, n_steps=16))
     assert {n: (p.dtype, p.data_ptr()) for n, p in mb.model.named_parameters()} == before
     assert r16.settings["upcast"] is True
     m32 = lb.load(copy.deepcopy(mb.model).float(), mb.tokenizer)
-    r32 = lb.attribute(m32, PROMPT, target="e", method=method, n_steps=16, progress=False)
+    r32 = lb.attribute(m32, PROMPT, target="e", method=method, progress=False, **_options(method, n_steps=16))
     assert r32.settings["upcast"] is False  # a float32 model needs none
     assert torch.allclose(r16.scores, r32.scores, atol=1e-5), (r16.scores - r32.scores).abs().max()
-    raw = lb.attribute(mb, PROMPT, target="e", method=method, n_steps=16, upcast=False, progress=False)
+    raw = lb.attribute(mb, PROMPT, target="e", method=method, upcast=False, progress=False,
+                       **_options(method, n_steps=16))
     assert raw.settings["upcast"] is False and not torch.allclose(raw.scores, r32.scores, atol=1e-5)  # it matters
 
 
