@@ -69,9 +69,10 @@ def faithfulness_figure(res):
 
 def faithfulness_html(res) -> str:
     """A compact table: the method's mean soft scores, the random control's and their ratio."""
+    n_targets = len(res.deletion_lengths)
     rows = "".join(
-        f"<tr><td>{n}</td><td>{res[n + '_mean']:.3f}</td><td>{res[n + '_random_mean']:.3f}</td>"
-        f"<td>{res[n + '_ratio']:.2f}</td></tr>" for n in ("sufficiency", "comprehensiveness"))
+        f"<tr><td>{s}</td><td>{res[s + '_mean']:.3f}</td><td>{res[s + '_random_mean']:.3f}</td>"
+        f"<td>{res[s + '_ratio']:.2f}</td></tr>" for s in ("sufficiency", "comprehensiveness"))
     return (f"<div><b>FaithfulnessResult</b> of <code>{html.escape(res.method)}</code> "
-            f"({len(res.deletion_lengths)} targets)</div><table class='lb-faith'><tr><th>score</th><th>method</th>"
+            f"({n_targets} target{'' if n_targets == 1 else 's'})</div><table class='lb-faith'><tr><th>score</th><th>method</th>"
             f"<th>random</th><th>ratio</th></tr>{rows}</table>")
