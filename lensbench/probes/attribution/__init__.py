@@ -41,8 +41,10 @@ from .registry import (
 )
 from .result import AttributionResult, CompletenessWarning, ConvergenceWarning
 
-for _cls in (Saliency, GradXInput, IntegratedGradients, Occlusion, Attention, Rollout, ValueNorm, ReAGent):
-    register(_cls)  # the built-in methods, in the order METHODS lists them
+_BUILTIN = (Saliency, GradXInput, IntegratedGradients, Occlusion, Attention, Rollout, ValueNorm, ReAGent)
+for _cls in _BUILTIN:
+    register(_cls)  # in the order METHODS lists them
+attribute.renamed_params = {old: new for c in _BUILTIN for old, new in c.renamed.items()}  # old option names
 del _cls
 
 __all__ = [

@@ -76,8 +76,8 @@ def _method_from(method: str | AttributionMethod, options: dict[str, Any]) -> At
         if new in options:
             raise InputError(f"attribute: pass {new}= only ({old}= is its old name).")
         value = options.pop(old)
-        check_params({old: cls.parameter_constraints.get(new, [])} if new in cls.parameter_constraints else {},
-                     {old: value}, caller=f"attribute(method={cls.name!r})")
+        if new in cls.parameter_constraints:
+            check_params({old: cls.parameter_constraints[new]}, {old: value}, caller=f"attribute(method={cls.name!r})")
         warnings.warn(f"attribute: {old}= is renamed {new}= (since lensbench 0.2); the old name will be removed.",
                       FutureWarning, stacklevel=caller_stacklevel())
         options[new] = value

@@ -146,7 +146,7 @@ def method_class(name: str) -> type[AttributionMethod]:
     return _REGISTRY[name]
 
 
-def get_method(method: str | AttributionMethod, caller: str = "get_method", **options) -> AttributionMethod:
+def get_method(method: str | AttributionMethod, *, caller: str = "get_method", **options) -> AttributionMethod:
     """An :class:`AttributionMethod` object from a registered name and its options (or an object, with
     ``options`` replacing some of its own). An option the method does not take is an :class:`InputError` naming
     the method and the option; bad values name the option, the value and what is allowed."""
