@@ -14,6 +14,7 @@ from .probes.attribution import (
     AttributionResult,
     CompletenessWarning,
     ConvergenceWarning,
+    FaithfulnessResult,
     attribute,
     faithfulness,
 )
@@ -62,7 +63,7 @@ __all__ = [
     "shuffle_baseline", "geometry_loss_correlation", "GeometryResult", "LinearityResult", "ShuffleResult",
     "CorrelationResult", "contextual_memory", "ContextualMemoryResult",
     # attribution
-    "attribute", "faithfulness", "AttributionResult", "CompletenessWarning", "ConvergenceWarning",
+    "attribute", "faithfulness", "AttributionResult", "FaithfulnessResult", "CompletenessWarning", "ConvergenceWarning",
     # filler tokens
     "filler_ablation", "filler_sweep", "filler_probe", "FillerAblationResult", "FillerSweepResult",
     "FillerProbeResult",

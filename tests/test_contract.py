@@ -174,6 +174,14 @@ PROBES: list[ProbeCase] = [
               dict(beta=float("nan"), chunk=0),
               ("position", "token", "p_ce", "logprob_diff", "logp_pos", "logp_neg"),
               ("p_ce", "logprob_diff", "logp_pos", "logp_neg"), atol=0.03, rtol=0.01),
+    # Hellinger-distance scores in [0, 1] between float32 softmaxes of bfloat16 logits: 2e-3 measured
+    ProbeCase("faithfulness", lb.faithfulness,
+              lambda ms: ((ms.m, lb.attribute(ms.m, TEXT, method="integrated_gradients", n_steps=4, progress=False)),
+                          dict(n_samples=4)),
+              dict(random="magic", batch_size=0, n_samples=0),
+              ("target", "target_token", "sufficiency", "comprehensiveness", "sufficiency_random",
+               "comprehensiveness_random", "kept", "kept_random"),
+              ("sufficiency", "comprehensiveness", "sufficiency_random", "comprehensiveness_random"), atol=0.02),
 ]
 CASES = {c.name: c for c in PROBES}
 
@@ -334,8 +342,7 @@ def test_bad_parameter_is_refused_by_name(zoo, name, param, value):
 
 
 # ------------------------------------------------------------------------------------------------ faithfulness
-# lb.faithfulness scores an AttributionResult and returns a dict of arrays (not a Result), so only its numbers,
-# its dtype agreement and its bad parameters are checked.
+# beyond the contract: the metrics' own bounds and the random control's matched keep rate
 _FAITH_FIELDS = ("sufficiency", "comprehensiveness", "sufficiency_random", "comprehensiveness_random", "kept")
 
 
@@ -359,12 +366,3 @@ def test_faithfulness_scores_and_dtypes(faith):
     assert a["sufficiency"][0] <= 1 and a["comprehensiveness"][0] >= 0 and 0 < a["kept"][0] == pytest.approx(a["kept_random"][0], rel=1e-5)
 
 
-@pytest.mark.parametrize("param,value", [
-    ("random", "magic"), ("batch_size", 0),
-    pytest.param("n_samples", 0, marks=pytest.mark.xfail(strict=True, reason="n_samples=0 fails in torch.stack")),
-], ids=str)
-def test_faithfulness_refuses_bad_parameter_by_name(zoo, faith, param, value):
-    att = faith[torch.float32][0]
-    with pytest.raises(lb.InputError) as e:
-        lb.faithfulness(zoo[torch.float32].m, att, **{"n_samples": 4, param: value})
-    assert re.search(rf"\b{re.escape(param)}\b", str(e.value)), str(e.value)
