@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     mach = machine_info(("captum",))
     n_tok, n_steps, ibs = (16, 8, 8) if quick else (64, 50, 25)
-    rea_cfg = {"n_probes": 4, "max_steps": 2 if quick else 6, "top_k": 3, "keep_top_n": 5, "ratio": 0.3}
+    rea_cfg = {"n_probes": 4, "max_steps": 2 if quick else 6, "stopping_top_k": 3, "keep_top_n": 5, "ratio": 0.3}
     n_gen = 4 if quick else 32
 
     m = lb.load()
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     lig = LayerIntegratedGradients(fwd, m.embed_module)
     ig_ours, ig_cap = Timer(), Timer()
     for _ in range(reps):
-        ig_ours(lambda: lb.attribute(m, text, target=y, baseline=0, n_steps=n_steps, internal_batch_size=ibs,
+        ig_ours(lambda: lb.attribute(m, text, target=y, baseline=0, n_steps=n_steps, batch_size=ibs,
                                      progress=False))
         ig_cap(lambda: lig.attribute(ids[None], n_steps=n_steps, internal_batch_size=ibs).sum(-1)[0].detach())
     ig_rel = rel_diff(ig_ours.out.scores[0], ig_cap.out)
@@ -150,14 +150,14 @@ def main(argv=None) -> None:
     job = {"model_dir": str(default_model_dir()), "prompt": text,
            "target_text": y_text, "repeats": reps, "reagent_repeats": reps, "threads": args.threads,
            "n_steps": ins_steps, "internal_batch_size": ins_steps, "seed": 0, "tmp": str(tmp),
-           "reagent": {"keep_top_n": rea_cfg["keep_top_n"], "stopping_condition_top_k": rea_cfg["top_k"],
+           "reagent": {"keep_top_n": rea_cfg["keep_top_n"], "stopping_condition_top_k": rea_cfg["stopping_top_k"],
                        "replacing_ratio": rea_cfg["ratio"], "max_probe_steps": rea_cfg["max_steps"],
                        "num_probes": rea_cfg["n_probes"]}}
 
     def ours_round():
         sal_ours(lambda: lb.attribute(m, text, target=y, method="saliency", objective="prob", progress=False))
         igp_ours(lambda: lb.attribute(m, text, target=y, baseline=0, objective="prob", n_steps=ins_steps,
-                                      internal_batch_size=ins_steps, progress=False))
+                                      batch_size=ins_steps, progress=False))
         rea_ours(lambda: lb.attribute(m, text, target=y, method="reagent", replacement="uniform", seed=len(ours_rounds),
                                       progress=False, **rea_cfg))
         ours_rounds.append(rea_ours.out)
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
     # ---------------------------------------------------------------- where our IG time goes
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        lb.attribute(m, text, target=y, baseline=0, n_steps=2, internal_batch_size=2, progress=False)
+        lb.attribute(m, text, target=y, baseline=0, n_steps=2, batch_size=2, progress=False)
     ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     prof_total = sum(e.self_cpu_time_total for e in ev)
     prof_rows = [(e.key, e.count, e.self_cpu_time_total / prof_total) for e in ev[:8]]
@@ -248,7 +248,7 @@ def main(argv=None) -> None:
               f"{min(meths['integrated_gradients']['cpu_seconds']) / igp_ours.best:.2f}× | {ig_cmp[0]:.1e} | "
               f"{ig_cmp[1]:.1e} | — |",
               f"| ReAGent, uniform replacement, {rea_cfg['n_probes']} probes, ≤ {rea_cfg['max_steps']} steps, "
-              f"r = {rea_cfg['ratio']}, top-k {rea_cfg['top_k']}, keep {rea_cfg['keep_top_n']} | same algorithm "
+              f"r = {rea_cfg['ratio']}, top-k {rea_cfg['stopping_top_k']}, keep {rea_cfg['keep_top_n']} | same algorithm "
               "and settings (inseq's POS-tag sampler made uniform, see `bench/attribution_inseq.py`); random, so "
               f"only ranks are compared | {rea_ours.cell()} | {icell('reagent')} | {rea_ins_t / rea_ours.best:.2f}× | "
               f"Spearman vs inseq {', '.join(f'{r:.2f}' for r in rea_rho)} (ours vs ours, other seed: "

@@ -65,7 +65,7 @@ def run_case(model: str, n_tokens: int, probe: str) -> dict:
         check = float(torch.as_tensor(r.score).isfinite().float().mean())
     else:
         method, kw = (("grad_x_input", {}) if probe.endswith("grad_x_input")
-                      else ("integrated_gradients", {"n_steps": 8, "internal_batch_size": 2}))
+                      else ("integrated_gradients", {"n_steps": 8, "batch_size": 2}))
         r = lb.attribute(m, decoded, method=method, progress=False, **kw)
         check = float(r.scores.isfinite().float().mean())
         n_tokens = r.scores.shape[1]

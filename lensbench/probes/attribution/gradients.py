@@ -32,6 +32,24 @@ def _normalise_baseline(b):
     return b
 
 
+class _WithBaseline:
+    """Options of a method that compares the input with a baseline: integral token ids become ints, and ``None``
+    means the method's ``default_baseline``."""
+
+    default_baseline: ClassVar = DEFAULT_BASELINE
+
+    def __post_init__(self) -> None:
+        self.baseline = _normalise_baseline(self.baseline)
+        super().__post_init__()
+
+    @property
+    def resolved_baseline(self):
+        return self.default_baseline if self.baseline is None else self.baseline
+
+    def baseline_kind(self) -> str:
+        return baseline_kind(self.resolved_baseline)
+
+
 class _Gradient(AttributionMethod):
     needs: ClassVar[str] = "gradients"
 
@@ -91,7 +109,7 @@ class GradXInput(_PlainGradient):
 
 
 @dataclasses.dataclass
-class IntegratedGradients(_Gradient):
+class IntegratedGradients(_WithBaseline, _Gradient):
     """Integrated gradients along the straight path e' + α (e − e'), α at Gauss–Legendre nodes on [0, 1].
 
     Options:
@@ -128,17 +146,6 @@ class IntegratedGradients(_Gradient):
     n_steps: int = 50
     baseline: str | int | torch.Tensor | None = None
     batch_size: int | str = "auto"
-
-    def __post_init__(self) -> None:
-        self.baseline = _normalise_baseline(self.baseline)
-        super().__post_init__()
-
-    @property
-    def resolved_baseline(self):
-        return DEFAULT_BASELINE if self.baseline is None else self.baseline
-
-    def baseline_kind(self) -> str:
-        return baseline_kind(self.resolved_baseline)
 
     def _run(self, m, ids, targets, call):
         baseline, n_steps = self.resolved_baseline, self.n_steps

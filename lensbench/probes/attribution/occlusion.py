@@ -13,13 +13,13 @@ from ...errors import InputError
 from ...model import LensModel
 from ...validation import Interval, Options
 from ._passes import _embed, _objective
-from .baselines import BASELINE_KINDS, baseline_embedding, baseline_kind
-from .gradients import _normalise_baseline
+from .baselines import BASELINE_KINDS, baseline_embedding
+from .gradients import _WithBaseline
 from .registry import AttributionMethod, Call, Scores
 
 
 @dataclasses.dataclass
-class Occlusion(AttributionMethod):
+class Occlusion(_WithBaseline, AttributionMethod):
     """Occlusion of one source at a time (linear in F: a contrast flips the sign).
 
     Options:
@@ -31,6 +31,7 @@ class Occlusion(AttributionMethod):
     """
 
     name: ClassVar[str] = "occlusion"
+    default_baseline: ClassVar = "zero"
     linear: ClassVar[bool] = True
     uses_baseline: ClassVar[bool] = True
     parameter_constraints: ClassVar[dict] = {
@@ -39,17 +40,6 @@ class Occlusion(AttributionMethod):
 
     baseline: str | int | torch.Tensor | None = "zero"
     batch_size: int | str = "auto"
-
-    def __post_init__(self) -> None:
-        self.baseline = _normalise_baseline(self.baseline)
-        super().__post_init__()
-
-    @property
-    def resolved_baseline(self):
-        return "zero" if self.baseline is None else self.baseline
-
-    def baseline_kind(self) -> str:
-        return baseline_kind(self.resolved_baseline)
 
     def run(self, m: LensModel, ids: torch.Tensor, targets: list[tuple[int, int]], call: Call) -> Scores:
         m.require_embeds_forward(f"attribute(method={self.name!r})")
