@@ -211,3 +211,41 @@ class OOMOnce:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+class GatedForward:
+    """Hold a model's first forward pass in one named thread until released, and count block calls after it.
+
+    >>> with GatedForward(m, "lb-workbench") as gate:   # doctest: +SKIP
+    ...     start_job(); gate.entered.wait(60); cancel(); gate.release.set()
+    >>> gate.blocks                                     # doctest: +SKIP
+    0
+
+    ``entered`` is set when the thread's forward starts; the forward waits on ``release`` (at most 60 s);
+    ``blocks`` counts calls of the first block. Both hooks are removed on exit.
+    """
+
+    def __init__(self, m, thread_name: str):
+        import threading
+        self.m, self.thread_name = m, thread_name
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.blocks = 0
+
+    def _gate(self, *_):
+        import threading
+        if threading.current_thread().name == self.thread_name and not self.release.is_set():
+            self.entered.set()
+            self.release.wait(60)
+
+    def _count(self, *_):
+        self.blocks += 1
+
+    def __enter__(self):
+        self._hooks = [self.m.model.register_forward_pre_hook(self._gate),
+                       self.m.blocks[0].register_forward_pre_hook(self._count)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return False

@@ -31,6 +31,7 @@ import torch
 
 import lensbench as lb
 from bench.repro import common
+from lensbench import engine
 from lensbench.probes.critical import rule_false_positive_rate
 
 PAPER = "Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning Capability (Lin et al. 2024)"
@@ -46,11 +47,7 @@ def _chat(m, q: str) -> str:
 
 
 def _greedy(m, prompt: str, n_new: int) -> str:
-    ids = m.encode(prompt, add_bos=False)[None]
-    with torch.no_grad():
-        out = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=n_new, pad_token_id=m.pad_token_id)
-    return m.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return m.tokenizer.decode(engine.greedy(m, m.encode(prompt, add_bos=False), n_new), skip_special_tokens=True)
 
 
 def negative_model(m, pairs: list[tuple[str, str]], n_steps: int, seed: int, rank: int = 8, lr: float = 2e-3):

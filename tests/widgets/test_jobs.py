@@ -12,6 +12,7 @@ import torch
 
 import lensbench as lb
 from lensbench.engine import check_cancelled
+from lensbench.testing import GatedForward
 
 TEXT = "The capital of France is Paris"
 
@@ -74,30 +75,17 @@ def test_failing_job_shows_the_error_and_keeps_what_was_delivered(tiny, runner_f
 
 def test_cancelled_job_stops_at_the_next_forward_and_delivers_nothing(tiny, runner_for):
     m = tiny("llama")
-    entered, release = threading.Event(), threading.Event()
-    blocks = {"n": 0}
     r, ui = runner_for(m, thread_name="lb-test-job")
-
-    def gate(*_):  # holds the job's first forward pass until the test has pressed Cancel
-        if threading.current_thread().name == "lb-test-job" and not release.is_set():
-            entered.set()
-            release.wait(60)
-
-    hg = m.model.register_forward_pre_hook(gate)
-    hb = m.blocks[0].register_forward_pre_hook(lambda *_: blocks.__setitem__("n", blocks["n"] + 1))
     got = []
-    try:
+    with GatedForward(m, "lb-test-job") as gate:  # holds the job's first forward until Cancel is pressed
         assert r.start("lens", lambda: lb.logit_lens(m, TEXT, progress=False), deliver=got.append)
-        assert entered.wait(60) and r.busy and not ui["cancel_button"].disabled and ui["run"].disabled
+        assert gate.entered.wait(60) and r.busy and not ui["cancel_button"].disabled and ui["run"].disabled
         assert not r.start("second", lambda: None) and "busy" in ui["message"].value
         r.cancel()
         assert "cancelling" in ui["label"].value
-        release.set()
+        gate.release.set()
         assert r.wait(60)
-    finally:
-        hg.remove()
-        hb.remove()
-    assert blocks["n"] == 0 and got == []
+    assert gate.blocks == 0 and got == []
     assert "lens: cancelled" in ui["message"].value and ui["progress"].bar_style == "warning"
     assert r.hooks == [] and not m.model._forward_pre_hooks and ui["cancel_button"].disabled
 

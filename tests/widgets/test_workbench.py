@@ -6,13 +6,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import lensbench as lb
+from lensbench.testing import GatedForward
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The capital of France is Paris"
@@ -147,30 +147,17 @@ def test_cancel_stops_the_job_and_keeps_the_built_tabs(tiny):
     m = tiny("llama")
     wb = _workbench(m)
     old_lens = wb.explorers["lens"]
-    entered, release = threading.Event(), threading.Event()
-    blocks = {"n": 0}
-
-    def gate(*_):  # holds the worker's first forward pass until the test has pressed Cancel
-        if threading.current_thread().name == "lb-workbench" and not release.is_set():
-            entered.set()
-            release.wait(60)
-
-    hg = m.model.register_forward_pre_hook(gate)
-    hb = m.blocks[0].register_forward_pre_hook(lambda *_: blocks.__setitem__("n", blocks["n"] + 1))
-    try:
+    with GatedForward(m, "lb-workbench") as gate:  # holds the worker's first forward until Cancel is pressed
         assert wb.run("Le chat est noir")
-        assert entered.wait(60) and wb.busy and not wb.cancel_button.disabled
+        assert gate.entered.wait(60) and wb.busy and not wb.cancel_button.disabled
         # the app stays usable while the job runs: pure UI works, a second job is refused with a message
         old_lens.stat.value = "entropy"
         assert old_lens.heatmap.data[0].colorbar.title.text == "entropy"
         assert not wb.run("another text") and "busy" in wb.message.value
         wb.cancel_button.click()
-        release.set()
+        gate.release.set()
         assert wb.wait(60)
-    finally:
-        hg.remove()
-        hb.remove()
-    assert blocks["n"] == 0, "a block ran after Cancel"
+    assert gate.blocks == 0, "a block ran after Cancel"
     assert "cancelled" in wb.message.value and wb.progress.bar_style == "warning"
     assert wb.holders["lens"].children[0] is old_lens and wb.explorers["lens"] is old_lens
     assert wb.cancel_button.disabled and not wb.run_button.disabled
