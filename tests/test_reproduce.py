@@ -62,3 +62,31 @@ def test_quick_run_end_to_end(tmp_path):
         assert set(C.KEYS) <= set(s) and s["verdict"] in C.VERDICTS
         assert not s["reason"].startswith("not run"), s["reason"]
     assert out.read_text().startswith("# Reproductions")
+
+
+def test_merge_keeps_other_sections_and_writes_after_each(tmp_path, monkeypatch):
+    """--merge replaces only the sections run now; the table is rewritten after each section (a section that
+    dies later cannot lose the earlier ones); each section records its run."""
+    calls = []
+
+    def fake_run_one(name, quick, seed, progress=True):
+        calls.append(name)
+        if name == "microscope":  # the table must already hold the first section when the second runs
+            d = json.loads(out.with_suffix(".json").read_text())
+            assert [s["module"] for s in d["sections"]][-1] == "geometry_of_tokens"
+            assert d["meta"]["pending"] == ["microscope"]
+        s = C.section(name, "c", {}, {"v": len(calls)}, "set", 1, "i", C.not_comparable("x"), seed)
+        s["module"], s["wall_s"] = name, 0.0
+        return [s]
+
+    out = tmp_path / "R.md"
+    monkeypatch.setattr(reproduce, "run_one", fake_run_one)
+    assert reproduce.main(["--only", "geometry_of_tokens,microscope", "--out", str(out), "--seed", "3"]) == 0
+    assert reproduce.main(["--only", "tuned_lens,geometry_of_tokens", "--merge", "--out", str(out)]) == 0
+    d = json.loads(out.with_suffix(".json").read_text())
+    mods = [s["module"] for s in d["sections"]]
+    assert mods == ["geometry_of_tokens", "microscope", "tuned_lens"]  # SECTIONS order, no duplicates
+    by = {s["module"]: s for s in d["sections"]}
+    assert by["microscope"]["run"]["seed"] == 3 and by["geometry_of_tokens"]["run"]["seed"] == 0
+    assert by["geometry_of_tokens"]["ours"]["v"] == 4 and d["meta"]["pending"] == []
+    assert "| run |" in out.read_text()

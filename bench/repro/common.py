@@ -141,7 +141,7 @@ def render_markdown(sections: list[dict], header: str = "") -> str:
         if s.get("claim"):
             out += [f"*Claim:* {s['claim']}", ""]
         out += ["| | |", "|---|---|"]
-        for k in ("theirs", "ours", "setting", "n", "interval", "verdict", "reason", "seed", "wall_s"):
+        for k in ("theirs", "ours", "setting", "n", "interval", "verdict", "reason", "seed", "wall_s", "run"):
             if k in s:
                 v = _fmt(s[k]).replace("|", "/").replace("\n", " ")
                 out.append(f"| {k} | {v} |")
