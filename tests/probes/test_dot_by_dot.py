@@ -3,6 +3,8 @@
 import itertools
 import math
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,12 @@ def test_training_is_seeded():
     a, b = (D.train(v, "filler_cot", cfg, 7) for _ in range(2))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert (D.evaluate(a, v, "filler", x, y, 7) == D.evaluate(b, v, "filler", x, y, 7)).all()
+
+
+def test_parallel_workers_give_the_serial_numbers():
+    """Arms × seeds run as independent one-thread jobs: two worker processes give exactly the serial results."""
+    cfg = dict(steps=4, n_test=40, n_probe=40, cot_if_needed=False)
+    a = D.run(quick=True, seed=0, config={**cfg, "workers": 1}, progress=False)
+    b = D.run(quick=True, seed=0, config={**cfg, "workers": 2}, progress=False)
+    assert a["ours"]["arms"] == b["ours"]["arms"] and a["ours"]["filler_probe"] == b["ours"]["filler_probe"]
+    assert b["ours"]["workers"] == min(2, os.cpu_count() or 1)
