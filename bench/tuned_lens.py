@@ -11,7 +11,9 @@ over layers and each translator acts on its own layer, so layers train independe
 clipping, which Adam is insensitive to) and prints their held-out KL beside the logit and jump lenses. CONFIG is
 ``adam:LR:STEPS:TOKENS`` (plain Adam, warmup 5% + cosine decay), ``wadam:...`` / ``wsgd:...`` (the same with
 inputs whitened by the Cholesky factor of E[x x^T] + ridge, x = [h, 1], i.e. K-FAC's input-side preconditioner;
-V = 0 is still the zero-initialised translator). Example:
+V = 0 is still the zero-initialised translator), or ``kfac:LR:STEPS:TOKENS[:DAMP]`` (K-FAC natural-gradient steps
+with both factors: input E[a a^T] exact, output the sampled-token Fisher at h', running average 0.9, each damped by
+DAMP × its mean diagonal; :func:`kfac_train`). Example:
 
     python -m bench.tuned_lens --sweep 3,10,17,24 adam:1e-3:60:32 wsgd:0.1:60:32
 """
