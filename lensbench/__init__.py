@@ -25,6 +25,7 @@ from .probes.critical import (
     contrastive_tokens,
     critical_tokens,
     pass_at_k,
+    train_negative_model,
     wilson_interval,
 )
 from .probes.filler import (
@@ -68,6 +69,6 @@ __all__ = [
     "filler_ablation", "filler_sweep", "filler_probe", "FillerAblationResult", "FillerSweepResult",
     "FillerProbeResult",
     # critical tokens
-    "critical_tokens", "contrastive_tokens", "CriticalTokensResult", "ContrastiveResult", "checkers",
+    "critical_tokens", "contrastive_tokens", "train_negative_model", "CriticalTokensResult", "ContrastiveResult", "checkers",
     "pass_at_k", "wilson_interval",
 ]

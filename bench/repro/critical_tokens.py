@@ -23,7 +23,6 @@ was found, or fewer than 4 tokens were evaluated.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
@@ -34,6 +33,7 @@ from bench.repro import common
 from lensbench import engine
 from lensbench.probes.critical import rule_false_positive_rate
 
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections (the recorded setting)
 PAPER = "Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning Capability (Lin et al. 2024)"
 CLAIM = "in wrong reasoning trajectories some tokens are critical: replacing them raises the success rate of rollouts"
 THEIRS = {"quote": "replacing the critical token (e.g. 'owed') turns a near-0 rollout success rate into a high one; "
@@ -48,33 +48,6 @@ def _chat(m, q: str) -> str:
 
 def _greedy(m, prompt: str, n_new: int) -> str:
     return m.tokenizer.decode(engine.greedy(m, m.encode(prompt, add_bos=False), n_new), skip_special_tokens=True)
-
-
-def negative_model(m, pairs: list[tuple[str, str]], n_steps: int, seed: int, rank: int = 8, lr: float = 2e-3):
-    """A LoRA of ``m`` trained on (prompt, wrong answer) pairs (loss on the answer tokens only) → (LensModel, losses)."""
-    from peft import LoraConfig, get_peft_model
-    tok = m.tokenizer
-    base = copy.deepcopy(m.model).float().train()
-    lora = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=lr)
-    batch = []
-    for p, a in pairs:
-        p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([p_ids + tok(a, add_special_tokens=False)["input_ids"]], device=m.input_device)
-        labels = ids.clone()
-        labels[0, :len(p_ids)] = -100
-        batch.append((ids, labels))
-    torch.manual_seed(seed)
-    losses = []
-    for step in range(n_steps):
-        ids, labels = batch[step % len(batch)]
-        loss = lora(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return lb.load(lora.merge_and_unload().eval().to(m.dtype), tok), losses
 
 
 def _spearman(a, b) -> float:
@@ -140,7 +113,8 @@ def run(quick: bool = False, seed: int = 0) -> dict:
     crit_ce, crit_roll, per_item = [], [], []
     losses = []
     if pairs and analysed:
-        m_neg, losses = negative_model(m, pairs, lora_steps, seed)
+        m_neg, losses = lb.train_negative_model(m, pairs, n_steps=lora_steps, seed=seed, progress=False,
+                                                 target_modules=LORA_MODULES)
         for prompt, response, r in analysed:
             ce = lb.contrastive_tokens(m, m_neg, prompt + response, beta=1.0)
             n_r = len(r.token_ids)

@@ -807,3 +807,37 @@ def test_recurrent_model_is_refused_with_the_reason(tiny):
     m = tiny("mamba")
     with pytest.raises(lb.InputError, match="critical_tokens reuses a prefix cache.*cannot be rewound"):
         lb.critical_tokens(m, "Q: 2+2? A:", " 4", checker=lb.checkers.number(4), n_samples=4, progress=False)
+
+
+@pytest.mark.parametrize("arch, modules", [("llama", "all-linear"), ("gpt2", "all-linear"),
+                                           ("mamba", ["in_proj", "x_proj", "dt_proj"])])
+def test_train_negative_model_learns_the_wrong_answers(tiny, arch, modules):
+    """The negative LoRA raises the wrong answers' likelihood (so contrastive estimation marks them) and leaves
+    the base model untouched; the default ``"all-linear"`` places it on attention models, and where peft refuses
+    a module (Mamba's out_proj) the error names ``target_modules``."""
+    m = tiny(arch)
+    before = {k: v.clone() for k, v in m.model.state_dict().items()}
+    pairs = [(PROMPT, " the cat ran"), ("Q: one plus one? A:", " the mat sat")]
+    if modules != "all-linear":
+        with pytest.raises(InputError, match="target_modules"):
+            lb.train_negative_model(m, pairs, n_steps=1, progress=False)
+    m_neg, losses = lb.train_negative_model(m, pairs, n_steps=40, lr=1e-2, seed=0, progress=False,
+                                            target_modules=modules)
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
+    assert all(torch.equal(before[k], v) for k, v in m.model.state_dict().items())
+    ce = lb.contrastive_tokens(m, m_neg, PROMPT + " the cat ran", progress=False)
+    n_ans = len(m.tokenizer(" the cat ran", add_special_tokens=False)["input_ids"])
+    assert (ce.logprob_diff[-n_ans:] < 0).all(), ce.logprob_diff  # the negative model prefers the wrong answer
+    _, losses2 = lb.train_negative_model(m, pairs, n_steps=40, lr=1e-2, seed=0, progress=False,
+                                         target_modules=modules)
+    assert losses2 == losses  # seeded
+
+
+@pytest.mark.parametrize("kw, words", [({"pairs": []}, "pairs"), ({"pairs": [("a", "")]}, "pairs"),
+                                       ({"n_steps": 0}, "n_steps"), ({"lr": 0.0}, "lr")])
+def test_train_negative_model_bad_values(tiny, kw, words):
+    call = {"pairs": [(PROMPT, " four")], **kw}
+    with pytest.raises(InputError) as e:
+        lb.train_negative_model(tiny("llama"), call.pop("pairs"), progress=False, **call)
+    assert words in str(e.value), str(e.value)

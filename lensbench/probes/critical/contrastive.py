@@ -3,6 +3,7 @@ peft adapters of one base) teacher-forced on the same text, and the log-likeliho
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -17,7 +18,7 @@ from ...results import Result
 from ...validation import Check, Interval, validate_params
 from .rollouts import _finite_number
 
-__all__ = ["contrastive_tokens", "ContrastiveResult"]
+__all__ = ["contrastive_tokens", "ContrastiveResult", "train_negative_model"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -170,3 +171,71 @@ def contrastive_tokens(m_pos: LensModel, m_neg: LensModel, text: str, *, beta: f
                              logprob_diff=lp_pos - lp_neg, logp_pos=lp_pos, logp_neg=lp_neg, beta=float(beta),
                              text=text, pos_name=m_pos.name + (f" [{pos_adapter}]" if pos_adapter else ""),
                              neg_name=m_neg.name + (f" [{neg_adapter}]" if neg_adapter else ""))
+
+
+_TRAIN_NEGATIVE_PARAMS = {
+    "pairs": [Check(lambda v: len(v) > 0 and all(len(p) == 2 and all(isinstance(x, str) and x for x in p)
+                                                 for p in v), "a non-empty list of (prompt, answer) string pairs")],
+    "n_steps": [Interval(int, 1, None)],
+    "rank": [Interval(int, 1, None)],
+    "lr": [Interval(float, 0, None, closed="neither")],
+    "target_modules": [None, str, list, tuple],
+    "seed": [int],
+    "progress": [bool],
+}
+
+
+@validate_params(_TRAIN_NEGATIVE_PARAMS)
+def train_negative_model(m: LensModel, pairs, *, n_steps: int = 60, rank: int = 8, lr: float = 2e-3,
+                         target_modules: str | list[str] | tuple[str, ...] | None = "all-linear", seed: int = 0,
+                         progress: bool = True) -> tuple[LensModel, list[float]]:
+    """The negative model of contrastive estimation: a LoRA of ``m`` fine-tuned on wrong trajectories, merged.
+
+    Args:
+        pairs: ``[(prompt, wrong_answer), ...]``; the loss is the answer tokens' cross-entropy only (the prompt
+            is context, not a target). One pair per step, cycling.
+        n_steps: AdamW steps. rank: LoRA rank (``lora_alpha = 2·rank``, no dropout). lr: AdamW learning rate.
+        target_modules: peft's ``target_modules``: ``"all-linear"`` (default: every linear layer but the output
+            head, whatever the architecture), or module names, e.g. ``["q_proj", "k_proj", "v_proj", "o_proj"]``.
+        seed: seeds the LoRA initialisation.
+
+    Returns ``(m_neg, losses)``: a new :class:`LensModel` (the merged weights in ``m``'s dtype, ``m``'s tokenizer)
+    and the per-step training loss. ``m`` is not modified; a float32 copy of its weights is trained, so peak
+    memory is about twice the model's float32 size. The paper (cDPO, Lin et al. 2024) fine-tunes a full model on
+    incorrect trajectories; a LoRA is the documented CPU-sized deviation.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from ...model import load
+    tok = m.tokenizer
+    batch = []
+    for p, a in pairs:
+        p_ids = tok(p, add_special_tokens=False)["input_ids"]
+        a_ids = tok(a, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + a_ids], device=m.input_device)
+        labels = ids.clone()
+        labels[0, :len(p_ids)] = -100  # learn the answers, not the prompts
+        batch.append((ids, labels))
+    torch.manual_seed(seed)
+    base = copy.deepcopy(m.model).float().train()
+    tm = list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+    try:
+        lora = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=tm))
+    except ValueError as e:
+        raise InputError(f"peft could not place LoRA layers with target_modules={target_modules!r} ({e}); pass "
+                         "target_modules=[names of linear modules], e.g. the attention projections.") from e
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in tqdm(range(n_steps), desc="negative LoRA", disable=not progress, leave=False):
+        check_cancelled()
+        ids, labels = batch[step % len(batch)]
+        loss = lora(input_ids=ids, labels=labels).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train_negative_model: the loss is {loss.item()} at step {step}; lower lr "
+                                     f"(now {lr}).")
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    merged = lora.merge_and_unload().eval().to(m.dtype)
+    return load(merged, tok), losses
