@@ -366,3 +366,13 @@ def test_faithfulness_scores_and_dtypes(faith):
     assert a["sufficiency"][0] <= 1 and a["comprehensiveness"][0] >= 0 and 0 < a["kept"][0] == pytest.approx(a["kept_random"][0], rel=1e-5)
 
 
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_docstring_names_its_dataframe_columns(run, name):
+    """A reader of ``help(ResultClass)`` learns every column ``to_dataframe()`` gives (as ``name``)."""
+    res = run(CASES[name])
+    doc = type(res).__doc__ or ""
+    cols = [str(c) for c in res.to_dataframe().columns]
+    missing = [c for c in cols if f"``{c}``" not in doc]
+    assert not missing, f"{type(res).__name__}'s docstring does not name the columns {missing} (all: {cols})"

@@ -171,6 +171,10 @@ class GeometryResult(Result):
         n_tokens: tokens per row (after the first-token exclusion); duplicates: ``[n_rows, n_layers]`` points
             removed.
         settings: estimator, scale, per, exclude_first, last_layer, k.
+
+    ``to_dataframe()``: one row per (row, layer): ``prompt`` (row index), ``text`` (its first 60 characters),
+    ``layer``, the measure's value under its own name (``id``, ``overlap``, ``cosine`` or ``anisotropy``),
+    ``spread``, ``loss``, ``n_tokens`` and ``duplicates``, as above.
     """
 
     measure: str
@@ -215,6 +219,10 @@ class LinearityResult(Result):
         per_token: ``[n, T]`` ‖x̃_i A* − ỹ_i‖ per token of ``prompt`` with A* fitted on the pool
             (clouds scaled to unit mean squared norm, so 1 − mean(per_token²) over the pool = score).
         settings: exclude_first, last_layer, seed, split; model_name.
+
+    ``to_dataframe()``: one row per transition: ``layer``, ``next_layer`` (l + 1), ``linearity`` (``score``),
+    ``linearity_no_residual``, ``linearity_heldout`` and ``linearity_no_residual_heldout`` (when computed) and
+    ``n_points``.
     """
 
     # what the maps were fitted on
@@ -253,6 +261,9 @@ class ShuffleResult(Result):
     """Block-shuffle baseline: the prompt's tokens cut into K = 4^S blocks, blocks permuted (seeded).
 
     Attributes: levels S; loss ``[n_S]``; id ``[n_S, n_layers]``; layers; text; seed; estimator.
+
+    ``to_dataframe()``: one row per (level, layer): ``S``, ``blocks`` (4^S), ``layer``, ``id`` and the level's
+    ``loss``.
     """
 
     levels: list
@@ -278,6 +289,9 @@ class CorrelationResult(Result):
     """Per-layer correlation across prompts between a geometric measure (log ID by default) and loss.
 
     Attributes: layers; pearson_r, pearson_p, spearman_r, spearman_p ``[n_layers]``; measure; n_prompts.
+
+    ``to_dataframe()``: one row per layer: ``layer``, ``pearson_r``, ``pearson_p``, ``spearman_r``,
+    ``spearman_p``.
     """
 
     layers: list

@@ -357,6 +357,10 @@ class LensResult(Result):
         logsumexp: ``[n_layers, T]`` log-partition of each readout (so any token's probability is
             ``exp(z_token - logsumexp)``).
         hidden: ``[n_layers, T, d_model]`` the (translated) residuals when ``keep_hidden=True``, else None.
+
+    ``to_dataframe()``: one row per (layer, position): ``layer``, ``position``, ``token``, ``top1`` (the top-1
+    token string), ``top1_prob``, ``entropy``, ``kl_to_final``, ``ce_next``, ``top1_confidence``,
+    ``target_prob``, ``target_rank``.
     """
 
     text: str
@@ -651,6 +655,9 @@ class LensSweepResult(Result):
     - what was read out: lens ("logit" or "tuned"), model_name, fingerprint (of the model);
     - hist, hist_max: None (the 2048-bin histograms of lensbench <= 0.x; ``histogram=True`` in
       :func:`lens_sweep` still fills them).
+
+    ``to_dataframe()``: one row per (stat, layer): ``stat``, ``layer``, ``mean`` and one column ``q<level>`` per
+    quantile level (the defaults: ``q0.1``, ``q0.25``, ``q0.5``, ``q0.75``, ``q0.9``).
     """
 
     layers: list

@@ -220,6 +220,9 @@ class ContextualMemoryResult(Result):
         class_n_texts: ``[n_classes]`` texts those tokens come from; class_ci_method: "t" / "bca" / "none".
         settings: layers, window, n_steps, folds, seed, hidden, lr, train_batch_size, exclude_first, n_vocab,
             train_loss, ci (results saved before the renaming hold ``steps`` and ``batch``).
+
+    ``to_dataframe()``: one row per scored token: ``text`` (index), ``position``, ``token``, ``class``,
+    ``n_prefix``, ``C`` (``score``, nats) and ``C_per_token`` (``score_per_token``).
     """
 
     texts: list

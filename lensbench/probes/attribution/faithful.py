@@ -34,6 +34,9 @@ class FaithfulnessResult(Result, Mapping):
     It also reads as the mapping it replaces: ``res["comprehensiveness"]`` (arrays), ``res["sufficiency_mean"]``
     (floats, for every score), ``res["sufficiency_ratio"]`` / ``res["comprehensiveness_ratio"]`` (method mean /
     random mean) and ``res["deletion_curves"]`` (one array of K + 1 values per target).
+
+    ``to_dataframe()``: one row per target: ``target`` (index), ``target_token``, ``sufficiency``,
+    ``comprehensiveness``, ``sufficiency_random``, ``comprehensiveness_random``, ``kept``, ``kept_random``.
     """
 
     sufficiency: np.ndarray

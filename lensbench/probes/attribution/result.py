@@ -35,6 +35,9 @@ class AttributionResult(Result):
         baseline_embeds: integrated gradients only: ``[n_targets, n_sources, d]`` float32, the exact baseline
             embeddings x' of each target (NaN beyond its sources), enough to rerun the path.
         f_baseline: integrated gradients only: ``[n_targets]`` F(x').
+
+    ``to_dataframe()``: one row per (target, source) with a score (sources after their target are left out):
+    ``target`` (index), ``target_token``, ``source`` (index), ``source_token``, ``score``.
     """
 
     scores: torch.Tensor

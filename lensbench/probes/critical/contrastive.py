@@ -30,6 +30,9 @@ class ContrastiveResult(Result):
         p_ce ``[T-1]``: softmax_v((1+β) z_pos − β z_neg)[y_t] for scored tokens 1..T-1;
         logprob_diff ``[T-1]``: log p_pos(y_t) − log p_neg(y_t); logp_pos / logp_neg ``[T-1]``.
         beta, text, pos_name, neg_name.
+
+    ``to_dataframe()``: one row per scored token: ``position`` (1..T-1), ``token``, ``p_ce``, ``criticality``
+    (1 − p_ce), ``logprob_diff``, ``logp_pos``, ``logp_neg``.
     """
 
     tokens: list

@@ -206,6 +206,12 @@ class CriticalTokensResult(Result):
             ``keep_ok``, ``replace`` texts, ``replace_ok``, ``replace_first`` (the replacing token or regenerated
             sentence), ``dissimilar`` flags in sentence mode); n_rollouts: rollouts generated in this call (0 when
             everything came from the cache).
+
+    ``to_dataframe()``: one row per unit: ``unit`` (index), ``text``, ``start`` and ``end`` (its token span),
+    ``keep_acc``, ``keep_lo``, ``keep_hi``, ``replace_acc``, ``replace_lo``, ``replace_hi``, ``drop``,
+    ``criticality``, ``counterfactual_importance``, ``keep_success``, ``replace_success``, ``replace_n``,
+    ``keep_upper``, ``resampling_kl``, ``counterfactual_kl`` (NaN where not evaluated), ``failing``, one
+    ``pass@k`` column per k (``pass@1`` by default) and ``critical`` (True at ``critical_index``).
     """
 
     prompt: str

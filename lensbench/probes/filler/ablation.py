@@ -83,6 +83,12 @@ class FillerAblationResult(Result):
             token_loss_class ``[C, N, T]``, token_loss_control ``[C, S, N, T]`` likewise (the continuation is
             never edited, so its tokens are the same in every variant and the per-token Δ is well defined).
             ``None`` in results saved before per-token losses were kept (then :meth:`summary` falls back to per-text means).
+
+    ``to_dataframe(weight="tokens")``: :meth:`summary` as a table, one row per class: ``class``, ``frequency``,
+    ``tokens_removed``, ``token_share_removed``, ``loss_orig``, ``loss_class``, ``delta_loss`` (class − orig),
+    ``control_delta_loss`` (random control − orig), ``excess_delta`` (their difference), ``delta_ci_lo`` /
+    ``delta_ci_hi``, ``control_ci_lo`` / ``control_ci_hi``, ``excess_ci_lo`` / ``excess_ci_hi`` (95 %),
+    ``n_texts``, ``n_tokens``, ``ci_method`` and ``weight``; accuracy columns too when items have answers.
     """
 
     classes: list

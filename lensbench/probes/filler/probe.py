@@ -37,6 +37,9 @@ class FillerProbeResult(Result):
             majority: majority-class rate.
         labels: the label of every item (strings); n_fillers, filler, pool (filler side: ``"mean"``/``"last"``);
         compare: what the filler positions are compared with (see :func:`filler_probe`); settings; model_name.
+
+    ``to_dataframe()``: one row per layer: ``layer``, ``filler_acc``, ``question_acc``, ``shuffled_acc``,
+    ``filler_std``, ``question_std``, ``shuffled_std``, ``majority``, ``n_items``, ``folds``, ``compare``.
     """
 
     layers: list

@@ -48,6 +48,11 @@ class FillerSweepResult(Result):
         correct: ``[K, M, N]`` greedy exact match (1/0, NaN where absent).
         n_tokens: ``[K, M, N]`` filler tokens actually inserted (``cot``: the chain's length).
         questions, answers: the items; template: text between fillers and answer; settings; model_name.
+
+    ``to_dataframe()``: :meth:`summary` as a table, one row per (kind, count): ``kind``, ``count``,
+    ``filler_tokens``, ``logprob`` (mean), ``accuracy``, ``delta_logprob`` and ``delta_accuracy`` (vs count 0),
+    ``accuracy_ci_lo`` / ``accuracy_ci_hi``, ``delta_ci_lo`` / ``delta_ci_hi``, ``delta_accuracy_ci_lo`` /
+    ``delta_accuracy_ci_hi`` (95 %, over items), ``n_items`` and ``ci_method``.
     """
 
     kinds: list
