@@ -69,6 +69,7 @@ __all__ = [
     "filler_ablation", "filler_sweep", "filler_probe", "FillerAblationResult", "FillerSweepResult",
     "FillerProbeResult",
     # critical tokens
-    "critical_tokens", "contrastive_tokens", "train_negative_model", "CriticalTokensResult", "ContrastiveResult", "checkers",
+    "critical_tokens", "contrastive_tokens", "train_negative_model", "CriticalTokensResult", "ContrastiveResult",
+    "checkers",
     "pass_at_k", "wilson_interval",
 ]

@@ -366,8 +366,6 @@ def test_faithfulness_scores_and_dtypes(faith):
     assert a["sufficiency"][0] <= 1 and a["comprehensiveness"][0] >= 0 and 0 < a["kept"][0] == pytest.approx(a["kept_random"][0], rel=1e-5)
 
 
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_docstring_names_its_dataframe_columns(run, name):
     """A reader of ``help(ResultClass)`` learns every column ``to_dataframe()`` gives (as ``name``)."""

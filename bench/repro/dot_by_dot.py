@@ -54,9 +54,9 @@ LEARNED = 0.6  # an arm whose whole interval lies below this did not learn (bala
 # Full mode: 3SUM length 4, d = 1 — the largest setting where any arm rose clearly above chance in a ~1 min
 # CPU run (length 5-6 at d = 3, and length 4 at d = 2, stayed at 0.50 after 400 steps); 2-layer d=64 Llama.
 FULL = dict(length=4, dim=1, seeds=(0, 1, 2), steps=1000, batch=64, lr=3e-3, hidden=64, layers=2, heads=4,
-            n_test=1000, n_probe=600, arms=("filler", "no_filler", "random"), cot_if_needed=True)
+            n_test=1000, n_probe=600, arms=("filler", "no_filler", "random"), cot_if_needed=True, workers=2)
 QUICK = dict(length=4, dim=2, seeds=(0, 1), steps=25, batch=32, lr=3e-3, hidden=32, layers=2, heads=2,
-             n_test=200, n_probe=200, arms=("filler", "no_filler", "random"), cot_if_needed=True)
+             n_test=200, n_probe=200, arms=("filler", "no_filler", "random"), cot_if_needed=True, workers=2)
 
 
 # ----------------------------------------------------------------------------------------------- the task

@@ -841,3 +841,12 @@ def test_train_negative_model_bad_values(tiny, kw, words):
     with pytest.raises(InputError) as e:
         lb.train_negative_model(tiny("llama"), call.pop("pairs"), progress=False, **call)
     assert words in str(e.value), str(e.value)
+
+
+def test_train_negative_model_too_long_pair_is_refused_before_training(tiny):
+    m = tiny("llama")
+    per_word = len(m.encode(" cat" * 100, add_bos=False)) / 100
+    long = "cat" + " cat" * int(0.6 * m.max_length / per_word)  # each part fits alone; together they do not
+    assert m.max_length / 2 < len(m.encode(long, add_bos=False)) <= m.max_length
+    with pytest.raises(InputError, match=r"pairs\[1\] is \d+ tokens \(prompt \+ answer\).*shorten"):
+        lb.train_negative_model(m, [(PROMPT, " four"), (long, " " + long)], n_steps=1, progress=False)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 from tqdm.auto import tqdm
 
 from ...capture import forward_batch
+from ...devices import is_oom
 from ...engine import check_cancelled
 from ...errors import InputError
 from ...model import LensModel, check_text
@@ -209,13 +211,15 @@ def train_negative_model(m: LensModel, pairs, *, n_steps: int = 60, rank: int = 
     """
     from peft import LoraConfig, get_peft_model
 
-    from ...model import load
-    tok = m.tokenizer
+    from ...model import load, model_errors
     batch = []
-    for p, a in pairs:
-        p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        a_ids = tok(a, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([p_ids + a_ids], device=m.input_device)
+    for i, (p, a) in enumerate(pairs):
+        p_ids = m.encode(p, add_bos=False, param=f"pairs[{i}] prompt")
+        a_ids = m.encode(a, add_bos=False, param=f"pairs[{i}] answer")
+        if len(p_ids) + len(a_ids) > m.max_length:
+            raise InputError(f"pairs[{i}] is {len(p_ids) + len(a_ids)} tokens (prompt + answer) but {m.name} accepts "
+                             f"at most {m.max_length}; shorten the prompt or the answer.")
+        ids = torch.cat([p_ids, a_ids])[None].to(m.input_device)
         labels = ids.clone()
         labels[0, :len(p_ids)] = -100  # learn the answers, not the prompts
         batch.append((ids, labels))
@@ -232,13 +236,21 @@ def train_negative_model(m: LensModel, pairs, *, n_steps: int = 60, rank: int = 
     for step in tqdm(range(n_steps), desc="negative LoRA", disable=not progress, leave=False):
         check_cancelled()
         ids, labels = batch[step % len(batch)]
-        loss = lora(input_ids=ids, labels=labels).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train_negative_model: the loss is {loss.item()} at step {step}; lower lr "
-                                     f"(now {lr}).")
-        loss.backward()
+        try:
+            with model_errors(m, f"training the negative LoRA on an input of shape {tuple(ids.shape)}"):
+                loss = lora(input_ids=ids, labels=labels).loss
+                loss.backward()
+        except Exception as e:  # noqa: BLE001 - only OOM is translated
+            if not is_oom(e):
+                raise
+            raise InputError(f"train_negative_model: out of memory on pair {step % len(batch)} "
+                             f"({ids.shape[1]} tokens): use shorter pairs, a smaller rank, or a larger device "
+                             "(a float32 copy of the model is trained).") from e
+        v = loss.item()
+        if not math.isfinite(v):
+            raise FloatingPointError(f"train_negative_model: the loss is {v} at step {step}; lower lr (now {lr}).")
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
+        losses.append(v)
     merged = lora.merge_and_unload().eval().to(m.dtype)
-    return load(merged, tok), losses
+    return load(merged, m.tokenizer), losses
